@@ -1,0 +1,266 @@
+"""Registration of bnext's operators with torch.library (fake kernels, autograd, vmap) and the
+functional API. Schemas and CPU/CUDA kernels live in csrc/ (csrc/registration.cpp)."""
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loads the operator library)
+
+_ops = torch.ops.bnext
+
+_ACTIVATIONS = (None, "relu")
+
+
+# -------------------------------------------------------------------------------------------------
+# Shared helpers
+# -------------------------------------------------------------------------------------------------
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _empty_in_kernel_layout(x: Tensor) -> Tensor:
+    """An empty tensor with the strides the kernels give their outputs (see csrc/layout.h):
+    NCHW-contiguous input -> contiguous, channels-last-dense input -> channels-last, else contiguous."""
+    if x.is_contiguous():
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.movedim(1, -1).is_contiguous():
+        return torch.empty(x.movedim(1, -1).shape, dtype=x.dtype, device=x.device).movedim(-1, 1)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _reduce_dims(x: Tensor):
+    return [0] + list(range(2, x.dim()))
+
+
+def _channel_view(v: Tensor, x: Tensor) -> Tensor:
+    return v.view([1, -1] + [1] * (x.dim() - 2))
+
+
+# -------------------------------------------------------------------------------------------------
+# batch_norm_forward / batch_norm_backward
+# -------------------------------------------------------------------------------------------------
+
+@torch.library.register_fake("bnext::batch_norm_forward")
+def _batch_norm_forward_fake(input, weight, bias, running_mean, running_var, training, eps, relu):
+    acc = _acc_dtype(input.dtype)
+    C = input.shape[1]
+    stats = input.new_empty((C,), dtype=acc)
+    return _empty_in_kernel_layout(input), stats, stats.new_empty((C,))
+
+
+@torch.library.register_fake("bnext::batch_norm_backward")
+def _batch_norm_backward_fake(grad_out, input, weight, bias, mean, var, training, eps, relu):
+    acc = _acc_dtype(input.dtype)
+    C = input.shape[1]
+    sums = input.new_empty((C,), dtype=acc)
+    return _empty_in_kernel_layout(input), sums, sums.new_empty((C,))
+
+
+def _bn_setup_context(ctx, inputs, output):
+    input, weight, bias, _rm, _rv, training, eps, relu = inputs
+    _out, mean, var = output
+    ctx.save_for_backward(input, weight, bias, mean, var)
+    ctx.training, ctx.eps, ctx.relu = training, eps, relu
+    ctx.mark_non_differentiable(mean, var)
+
+
+def batch_norm_backward_reference(grad_out, input, weight, bias, mean, var, training, eps, relu):
+    """BatchNorm backward composed of differentiable torch ops: used for double backward
+    (Hessian-vector products). Returns (grad_input, grad_weight, grad_bias).
+
+    In training the statistics are recomputed from `input` so that their dependence on the input
+    is part of the graph; in eval `mean`/`var` are constants."""
+    dims = _reduce_dims(input)
+    if training:
+        mu = input.mean(dims, keepdim=True)
+        v = input.var(dims, unbiased=False, keepdim=True)
+    else:
+        mu = _channel_view(mean.to(input.dtype), input)
+        v = _channel_view(var.to(input.dtype), input)
+    invstd = torch.rsqrt(v + eps)
+    xhat = (input - mu) * invstd
+    w = _channel_view(weight.to(input.dtype), input) if weight is not None else None
+    g = grad_out
+    if relu:
+        y = xhat * w if w is not None else xhat
+        if bias is not None:
+            y = y + _channel_view(bias.to(input.dtype), input)
+        g = grad_out * (y > 0).to(grad_out.dtype)
+    grad_bias = g.sum(dims)
+    grad_weight = (g * xhat).sum(dims)
+    scale = invstd * w if w is not None else invstd
+    if training:
+        gx = g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True)
+    else:
+        gx = g
+    return gx * scale, grad_weight, grad_bias
+
+
+def _bn_backward(ctx, grad_out, _grad_mean, _grad_var):
+    input, weight, bias, mean, var = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():
+        # create_graph=True: the composite keeps the graph for a second derivative.
+        dx, dw, db = batch_norm_backward_reference(
+            grad_out, input, weight, bias, mean, var, ctx.training, ctx.eps, ctx.relu)
+    else:
+        # The kernel returns (grad_input, sum_dy, sum_dy_xhat); the sums are in the accumulation
+        # dtype: grad_bias = sum_dy, grad_weight = sum_dy_xhat.
+        dx, db, dw = _ops.batch_norm_backward(
+            grad_out, input, weight, bias, mean, var, ctx.training, ctx.eps, ctx.relu)
+    dw = dw.to(weight.dtype) if (need_weight and weight is not None) else None
+    db = db.to(bias.dtype) if (need_bias and bias is not None) else None
+    return (dx if need_input else None), dw, db, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "bnext::batch_norm_forward", _bn_backward, setup_context=_bn_setup_context)
+
+
+# --- vmap: fold the vmapped dimension into the channel dimension ---------------------------------
+# A BatchNorm over B independent problems of C channels is one BatchNorm over B*C channels, so the
+# batching rule is a reshape, not a loop.
+
+def _fold_input(x: Optional[Tensor], bdim: Optional[int], B: int) -> Optional[Tensor]:
+    if x is None:
+        return None
+    x = x.movedim(bdim, 0) if bdim is not None else x.unsqueeze(0).expand(B, *x.shape)
+    x = x.movedim(0, 1)  # (N, B, C, *)
+    return x.reshape(x.shape[0], B * x.shape[2], *x.shape[3:])
+
+
+def _fold_channel(v: Optional[Tensor], bdim: Optional[int], B: int, C: int) -> Optional[Tensor]:
+    if v is None:
+        return None
+    v = v.movedim(bdim, 0) if bdim is not None else v.unsqueeze(0).expand(B, C)
+    return v.reshape(B * C)
+
+
+def _unfold_input(y: Tensor, B: int) -> Tensor:
+    return y.reshape(y.shape[0], B, y.shape[1] // B, *y.shape[2:])  # batch dim 1
+
+
+@torch.library.register_vmap("bnext::batch_norm_forward")
+def _batch_norm_forward_vmap(info, in_dims, input, weight, bias, running_mean, running_var,
+                             training, eps, relu):
+    B = info.batch_size
+    x = _fold_input(input, in_dims[0], B)
+    C = x.shape[1] // B
+    out, mean, var = _ops.batch_norm_forward(
+        x, _fold_channel(weight, in_dims[1], B, C), _fold_channel(bias, in_dims[2], B, C),
+        _fold_channel(running_mean, in_dims[3], B, C), _fold_channel(running_var, in_dims[4], B, C),
+        training, eps, relu)
+    return (_unfold_input(out, B), mean.view(B, C), var.view(B, C)), (1, 0, 0)
+
+
+@torch.library.register_vmap("bnext::batch_norm_backward")
+def _batch_norm_backward_vmap(info, in_dims, grad_out, input, weight, bias, mean, var,
+                              training, eps, relu):
+    B = info.batch_size
+    x = _fold_input(input, in_dims[1], B)
+    C = x.shape[1] // B
+    dx, s_dy, s_dy_xhat = _ops.batch_norm_backward(
+        _fold_input(grad_out, in_dims[0], B), x, _fold_channel(weight, in_dims[2], B, C),
+        _fold_channel(bias, in_dims[3], B, C), _fold_channel(mean, in_dims[4], B, C),
+        _fold_channel(var, in_dims[5], B, C), training, eps, relu)
+    return (_unfold_input(dx, B), s_dy.view(B, C), s_dy_xhat.view(B, C)), (1, 0, 0)
+
+
+# -------------------------------------------------------------------------------------------------
+# Argument checking (one place for every normalization op)
+# -------------------------------------------------------------------------------------------------
+
+def _is_batched(*tensors) -> bool:
+    is_batched = getattr(torch._C._functorch, "is_batchedtensor", None)
+    return is_batched is not None and any(
+        t is not None and isinstance(t, Tensor) and is_batched(t) for t in tensors)
+
+
+def check_norm_args(op: str, input, channel_args: dict, eps, momentum):
+    """Validates the arguments shared by the normalization ops; raises TypeError/ValueError naming
+    the offending argument."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{op}: input must be a Tensor, got {type(input).__name__}")
+    if input.dim() < 2 or input.dim() > 5:
+        raise ValueError(f"{op}: input must have shape (N, C, *) with 0 to 3 spatial dims, "
+                         f"got a {input.dim()}-d tensor of shape {tuple(input.shape)}")
+    if input.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{op}: input must be float64, float32, float16 or bfloat16, got {input.dtype}")
+    C = input.shape[1]
+    for name, t in channel_args.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor or None, got {type(t).__name__}")
+        if t.dim() != 1 or t.shape[0] != C:
+            raise ValueError(f"{op}: {name} must have shape ({C},) (one value per channel of input "
+                             f"{tuple(input.shape)}), got {tuple(t.shape)}")
+        if t.device != input.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but input is on {input.device}")
+        allowed = (input.dtype,) if input.dtype in (torch.float64, torch.float32) else (input.dtype, torch.float32)
+        if t.dtype not in allowed:
+            raise TypeError(f"{op}: {name} must have dtype {' or '.join(map(str, allowed))} "
+                            f"to match input ({input.dtype}), got {t.dtype}")
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+    if not isinstance(momentum, (int, float)) or not (0.0 <= momentum <= 1.0):
+        raise ValueError(f"{op}: momentum must be a number in [0, 1], got {momentum!r}")
+
+
+def update_running_stats(op: str, running_mean, running_var, mean, var, count: int, momentum: float,
+                         batched: bool):
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance, as
+    torch.nn.functional.batch_norm does."""
+    if running_mean is None and running_var is None:
+        return
+    if batched:
+        raise RuntimeError(
+            f"{op}: cannot update running_mean/running_var inside torch.func.vmap (each vmapped "
+            "problem would write the same buffers). Use eval mode, pass running_mean=None and "
+            "running_var=None, or a module with track_running_stats=False.")
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        if running_var is not None:
+            unbiased = var * (count / (count - 1))
+            running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+# -------------------------------------------------------------------------------------------------
+# Public functional API
+# -------------------------------------------------------------------------------------------------
+
+def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+               activation: Optional[str] = None) -> Tensor:
+    """Fused BatchNorm, same arguments and meaning as torch.nn.functional.batch_norm, plus
+    ``activation in (None, "relu")`` applied in the same pass.
+
+    y = act((x - mean) / sqrt(var + eps) * weight + bias), statistics per channel over (N, *).
+    training=True: batch statistics (biased variance), and running stats, when given, are updated
+    in place: running = (1 - momentum) * running + momentum * batch (unbiased variance).
+    training=False: running statistics (both required).
+    """
+    op = "bnext.batch_norm"
+    check_norm_args(op, input, {"running_mean": running_mean, "running_var": running_var,
+                                "weight": weight, "bias": bias}, eps, momentum)
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be None or 'relu', got {activation!r}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: running_mean and running_var must both be given or both be None")
+    count = input.numel() // max(input.shape[1], 1)
+    if training and count <= 1:
+        raise ValueError(f"{op}: expected more than 1 value per channel when training, "
+                         f"got input of shape {tuple(input.shape)}")
+    if not training and running_mean is None:
+        raise ValueError(f"{op}: running_mean and running_var are required when training=False")
+    out, mean, var = _ops.batch_norm_forward(
+        input, weight, bias, running_mean, running_var, bool(training), float(eps), activation == "relu")
+    if training:
+        update_running_stats(op, running_mean, running_var, mean, var, count, float(momentum),
+                             _is_batched(input, weight, bias, running_mean, running_var))
+    return out

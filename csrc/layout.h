@@ -1,0 +1,89 @@
+#pragma once
+// Host-side preparation shared by the CPU and CUDA launchers (uses ATen, runs on the host only).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+namespace bnext {
+
+// The two memory layouts the kernels read natively.
+//   planar:      x[n][c][s]  (NCHW-contiguous), rows of S contiguous values per (n, c)
+//   interleaved: x[m][c]     (channels_last 2d/3d, or an (N, C) input), m = n * S + s
+// Anything else is copied to planar first.
+struct Geometry {
+  bool interleaved;
+  int64_t N, C, S;
+  int64_t rows() const { return N * S; }      // values per channel
+  int64_t numel() const { return N * C * S; }
+};
+
+inline bool is_interleaved_dense(const at::Tensor& t) {
+  return t.movedim(1, -1).is_contiguous();
+}
+
+// Returns `input` (or a copy) dense in a layout the kernels read, and fills `geo`.
+inline at::Tensor to_kernel_layout(const at::Tensor& input, Geometry* geo) {
+  const int64_t N = input.size(0), C = input.size(1);
+  int64_t spatial = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) spatial *= input.size(d);
+  *geo = Geometry{false, N, C, spatial};
+  if (input.is_contiguous()) {
+    // With no spatial extent NCHW and interleaved coincide; interleaved vectorizes over C.
+    geo->interleaved = (spatial == 1);
+    return input;
+  }
+  if (is_interleaved_dense(input)) {
+    geo->interleaved = true;
+    return input;
+  }
+  return input.contiguous();
+}
+
+// Brings a tensor shaped like the input (grad_out) into the layout chosen for the input.
+inline at::Tensor match_layout(const at::Tensor& t, const Geometry& geo) {
+  if (geo.interleaved) {
+    return is_interleaved_dense(t) ? t : t.movedim(1, -1).contiguous().movedim(-1, 1);
+  }
+  return t.contiguous();
+}
+
+// An output dense in the same layout as the (prepared) input.
+inline at::Tensor empty_in_layout(const at::Tensor& x, const Geometry& geo) {
+  if (geo.interleaved && !x.is_contiguous()) {
+    return at::empty(x.movedim(1, -1).sizes(), x.options()).movedim(-1, 1);
+  }
+  return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Per-channel vector in the accumulation dtype, or `fill` when the optional is empty.
+inline at::Tensor channel_vector(const std::optional<at::Tensor>& t, int64_t C,
+                                 at::ScalarType acc, const at::Device& device, double fill) {
+  if (t.has_value() && t->defined()) return t->to(device, acc).contiguous();
+  return at::full({C}, fill, at::TensorOptions().dtype(acc).device(device));
+}
+
+inline void check_channel_arg(const std::optional<at::Tensor>& t, const char* name,
+                              const at::Tensor& input) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == input.size(1), "bnext: ", name,
+              " must be a 1-D tensor with ", input.size(1), " elements (one per channel), got shape ",
+              t->sizes());
+  TORCH_CHECK(t->device() == input.device(), "bnext: ", name, " is on ", t->device(),
+              " but input is on ", input.device());
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()), "bnext: ", name,
+              " must be a floating-point tensor, got ", t->scalar_type());
+}
+
+inline void check_input(const at::Tensor& input) {
+  TORCH_CHECK(input.dim() >= 2 && input.dim() <= 5,
+              "bnext: input must have shape (N, C, *) with 0 to 3 spatial dims, got ",
+              input.dim(), " dims");
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "bnext: input must be float64, float32, float16 or bfloat16, got ",
+              input.scalar_type());
+}
+
+}  // namespace bnext

@@ -1,0 +1,58 @@
+// The one place where bnext's operator schemas are declared and backends registered.
+// Autograd and fake (meta) kernels are registered from Python (bnext/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+#ifndef BNEXT_TORCH_VERSION
+#define BNEXT_TORCH_VERSION "unknown"
+#endif
+#ifndef BNEXT_CUDA_ARCHS
+#define BNEXT_CUDA_ARCHS ""
+#endif
+
+extern "C" {
+// `import bnext._C` loads this shared object (and with it the registrations below).
+static PyObject* bnext_build_info(PyObject*, PyObject*) {
+#ifdef BNEXT_WITH_CUDA
+  PyObject* cuda = Py_True;
+#else
+  PyObject* cuda = Py_False;
+#endif
+  return Py_BuildValue("{s:s,s:O,s:s}", "torch_version", BNEXT_TORCH_VERSION, "cuda", cuda,
+                       "cuda_archs", BNEXT_CUDA_ARCHS);
+}
+
+static PyMethodDef bnext_methods[] = {
+    {"build_info", bnext_build_info, METH_NOARGS, "What this extension was compiled with."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, bnext_methods};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(bnext, m) {
+  // Functional BatchNorm (+ optional fused ReLU). Returns (output, mean, var) where mean/var
+  // (biased) are the statistics used; the running-stat update is a separate step in Python
+  // because torch.library autograd cannot be registered on an op that mutates its inputs.
+  m.def("batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+        "Tensor? running_var, bool training, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_input, sum_dy, sum_dy_xhat): grad_bias = sum_dy, grad_weight = sum_dy_xhat.
+  m.def("batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, "
+        "Tensor mean, Tensor var, bool training, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bnext, CPU, m) {
+  m.impl("batch_norm_forward", &bnext::batch_norm_forward_cpu);
+  m.impl("batch_norm_backward", &bnext::batch_norm_backward_cpu);
+}
+
+#ifdef BNEXT_WITH_CUDA
+TORCH_LIBRARY_IMPL(bnext, CUDA, m) {
+  m.impl("batch_norm_forward", &bnext::batch_norm_forward_cuda);
+  m.impl("batch_norm_backward", &bnext::batch_norm_backward_cuda);
+}
+#endif
