@@ -87,6 +87,8 @@ def _convert_one(module, to: str):
     dims = _spatial_dims(module)
     if dims is None:
         return None
+    if to == "none":  # the unnormalized network
+        return torch.nn.Identity()
     cls = _TARGETS[to][dims]
     if type(module) is cls:
         return module
@@ -107,11 +109,12 @@ def convert(model: torch.nn.Module, to: str = "bn") -> torch.nn.Module:
 
     to="bn": torch.nn.BatchNorm1d/2d/3d -> bnext.nn.BatchNorm1d/2d/3d.
     to="torch": bnext's BatchNorm layers -> torch's.
+    to="none": every BatchNorm layer -> torch.nn.Identity (the unnormalized network).
     The model is changed in place (and returned); a model that is itself a BatchNorm layer is
     returned as a new module.
     """
-    if to not in _TARGETS:
-        raise ValueError(f"bnext.nn.convert: to must be one of {sorted(_TARGETS)}, got {to!r}")
+    if to not in _TARGETS and to != "none":
+        raise ValueError(f"bnext.nn.convert: to must be one of {sorted(_TARGETS) + ['none']}, got {to!r}")
     replaced = _convert_one(model, to)
     if replaced is not None:
         return replaced

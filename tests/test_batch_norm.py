@@ -365,6 +365,9 @@ def test_convert_round_trip_keeps_state_and_mode():
     back = bnn.convert(converted, to="torch")
     assert type(back[1]) is torch.nn.BatchNorm2d and type(back[3][2]) is torch.nn.BatchNorm1d
     torch.testing.assert_close(back(x), ref)
+    plain = bnn.convert(bnn.convert(back, to="bn"), to="none")
+    assert type(plain[1]) is torch.nn.Identity and type(plain[3][2]) is torch.nn.Identity
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in plain.modules())
     single = bnn.convert(torch.nn.BatchNorm3d(2))
     assert type(single) is bnn.BatchNorm3d
     with pytest.raises(ValueError, match="to must be one of"):
