@@ -168,6 +168,19 @@ def test_results_do_not_depend_on_thread_count():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 0, 4), (0, 3), (3, 2, 0)])
+def test_empty_batch_like_torch(shape):
+    x = torch.randn(shape, requires_grad=True)
+    C = shape[1]
+    w = torch.ones(C, requires_grad=True)
+    rm, rv = torch.zeros(C), torch.ones(C)
+    y = bnext.batch_norm(x, rm, rv, w, None, training=True)
+    assert y.shape == x.shape
+    assert torch.equal(rm, torch.zeros(C)) and torch.equal(rv, torch.ones(C))
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros(C))
+
+
 def test_nan_propagates_like_torch():
     x = torch.randn(4, 3, 5)
     x[1, 2, 3] = float("nan")
