@@ -1,0 +1,489 @@
+"""What the VGG and DLN experiments share: files written atomically, the process group for torchrun,
+the activation monitor, and the resumable training loop of one run.
+
+Layout of an output directory:
+    config.json                 the full config (a rerun with a different trajectory config refuses to mix)
+    runs/<run_id>/metrics.jsonl one JSON record per line: "train" (every step), "eval", "measure", "diverged"
+    runs/<run_id>/checkpoint.pt everything needed to continue (weights, optimizer, RNG, monitor, log offset)
+    runs/<run_id>/summary.json  written when the run is finished; its presence means "skip on rerun"
+    summary.json, report.md, *.png  written by rank 0 after all runs
+"""
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+# -------------------------------------------------------------------------------------------------
+# Files
+# -------------------------------------------------------------------------------------------------
+
+
+def clean_json(obj):
+    """Replace non-finite floats by None (JSON has no NaN/inf) and tensors by Python numbers."""
+    if isinstance(obj, torch.Tensor):
+        obj = obj.tolist()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_json(v) for v in obj]
+    return obj
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(clean_json(obj), indent=1, allow_nan=False) + "\n")
+
+
+def atomic_torch_save(path: Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_jsonl(path: Path) -> List[dict]:
+    """Records of a metrics file; a torn last line (an interrupted write) is ignored."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            out.append(json.loads(line))
+    return out
+
+
+class MetricsLog:
+    """Append-only JSON-lines log. `offset()` after `flush()` is a position a checkpoint can record;
+    reopening with `truncate_to` drops what was written after that checkpoint."""
+
+    def __init__(self, path: Path, truncate_to: Optional[int] = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate_to is None:
+            self.f = open(self.path, "w")
+        else:
+            self.f = open(self.path, "r+")
+            self.f.truncate(truncate_to)
+            self.f.seek(truncate_to)
+
+    def write(self, record: dict) -> None:
+        self.f.write(json.dumps(clean_json(record), allow_nan=False) + "\n")
+
+    def flush(self) -> int:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        return self.f.tell()
+
+    def close(self) -> None:
+        self.f.flush()
+        self.f.close()
+
+
+# -------------------------------------------------------------------------------------------------
+# Process group (torchrun) and device
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_arg: str) -> Dist:
+    """Joins the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import datetime
+    import torch.distributed as td
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_arg.startswith("cuda") or (device_arg == "auto" and torch.cuda.is_available())
+    if not td.is_initialized():
+        # The ranks meet only at the end (before the report): allow for runs that take days.
+        td.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(days=7))
+    return Dist(rank, world, local)
+
+
+def barrier(d: Dist) -> None:
+    if d.world > 1:
+        import torch.distributed as td
+        td.barrier()
+
+
+def finish_distributed(d: Dist) -> None:
+    if d.world > 1:
+        import torch.distributed as td
+        if td.is_initialized():
+            td.destroy_process_group()
+
+
+def pick_device(device_arg: str, d: Dist) -> torch.device:
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device_arg)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda was asked for but torch sees no CUDA device")
+        if dev.index is None:
+            dev = torch.device("cuda", d.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def setup_cpu(threads: Optional[int], tune_allocator: bool, d: Dist) -> Dict[str, Any]:
+    """Threads (default: the cores shared out among the local ranks) and the glibc allocator tuning."""
+    import bnext
+    if threads is None and d.world > 1:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", d.world))
+        threads = max(1, (os.cpu_count() or 1) // local_world)
+    if threads:
+        torch.set_num_threads(threads)
+    tuned = bnext.tune_cpu_allocator() if tune_allocator else False
+    return {"threads": torch.get_num_threads(), "allocator_tuned": bool(tuned)}
+
+
+def environment(device: torch.device, cpu_info: Dict[str, Any]) -> Dict[str, Any]:
+    """Device, library versions and which bnext kernels ran: stated in the report."""
+    import bnext
+    info = bnext.build_info()
+    env = {"device": str(device), "torch": torch.__version__, "bnext": info.get("bnext_version"),
+           "bnext_cuda_kernels_built": bool(info.get("cuda")) if "cuda" in info else info,
+           "python": platform.python_version(), "platform": platform.platform(), **cpu_info}
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["bnext_kernels_ran"] = "CUDA"
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+        env["bnext_kernels_ran"] = "CPU"
+    env["build_info"] = info
+    return env
+
+
+# -------------------------------------------------------------------------------------------------
+# RNG state (measurement must not consume training randomness)
+# -------------------------------------------------------------------------------------------------
+
+
+def rng_state(device: torch.device) -> Dict[str, torch.Tensor]:
+    s = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(device)
+    return s
+
+
+def set_rng_state(state: Dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@contextlib.contextmanager
+def rng_preserved(device: torch.device):
+    """Whatever runs inside (probes through noisy BN draw noise) leaves the training RNG stream as it was."""
+    saved = rng_state(device)
+    try:
+        yield
+    finally:
+        set_rng_state(saved, device)
+
+
+# -------------------------------------------------------------------------------------------------
+# Activation statistics at the normalization layers' outputs
+# -------------------------------------------------------------------------------------------------
+
+
+def excess_kurtosis(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    x = x.double()
+    d = x - x.mean(dim, keepdim=True)
+    m2 = d.pow(2).mean(dim)
+    m4 = d.pow(4).mean(dim)
+    return m4 / m2.clamp_min(1e-300).pow(2) - 3.0
+
+
+class ActivationMonitor:
+    """Per-step statistics of the activations each normalization layer emits (its output, i.e. the
+    pre-activation the next nonlinearity sees; for the unnormalized network, the layer before it).
+
+    Every training forward: per-channel mean and variance over (N, *), reduced to the layer's mean
+    absolute change from the previous step (the paper's "activation drift") and the layer-wide
+    mean/variance. When `capture` is set, also a density histogram and the per-channel excess
+    kurtosis of chosen layers. Hooks never modify the activations.
+    """
+
+    def __init__(self, points: Dict[str, torch.nn.Module], hist_layers: Dict[str, int], bins: int = 80):
+        self.names = list(points)
+        self.hist_layers = hist_layers  # name -> 1-based layer number
+        self.bins = bins
+        self.active = False
+        self.capture = False
+        self.prev: Dict[str, Optional[torch.Tensor]] = {n: None for n in self.names}
+        self.current: Dict[str, Dict[str, float]] = {}
+        self.hists: Dict[str, dict] = {}
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in points.items()]
+
+    def _hook(self, name):
+        def hook(_module, _inputs, out):
+            if not self.active:
+                return
+            with torch.no_grad():
+                x = out.detach()
+                flat = x.transpose(0, 1).reshape(x.shape[1], -1).float()  # (C, N*spatial)
+                var, mean = torch.var_mean(flat, dim=1, unbiased=False)
+                stats = torch.stack([mean, var])
+                rec = {"mean": float(flat.mean()), "var": float(flat.var(unbiased=False))}
+                prev = self.prev[name]
+                if prev is not None and prev.shape == stats.shape:
+                    delta = (stats - prev).abs().mean(dim=1)
+                    rec["dmean"], rec["dvar"] = float(delta[0]), float(delta[1])
+                self.prev[name] = stats
+                self.current[name] = rec
+                if self.capture and name in self.hist_layers:
+                    self.hists[name] = self._histogram(flat)
+        return hook
+
+    def _histogram(self, flat: torch.Tensor) -> dict:
+        v = flat.reshape(-1)
+        if not torch.isfinite(v).all():
+            return {"layer": None, "finite": False}
+        sample = v if v.numel() <= 1 << 20 else v[torch.randperm(v.numel(), device=v.device)[:1 << 20]]
+        lo, hi = torch.quantile(sample.double(), torch.tensor([0.001, 0.999], dtype=torch.float64,
+                                                                device=v.device)).tolist()
+        if not hi > lo:
+            lo, hi = lo - 1.0, hi + 1.0
+        counts = torch.histc(v.double(), bins=self.bins, min=lo, max=hi)
+        width = (hi - lo) / self.bins
+        density = counts / (v.numel() * width)
+        kurt_c = excess_kurtosis(flat, dim=1)
+        return {"lo": lo, "hi": hi, "density": density.tolist(), "mean": float(v.mean()),
+                "std": float(v.std()), "kurtosis_layer": float(excess_kurtosis(v)),
+                "kurtosis_channel": float(kurt_c[torch.isfinite(kurt_c)].mean()) if torch.isfinite(kurt_c).any()
+                else None}
+
+    def take(self) -> Dict[str, Any]:
+        """Per-layer stats of the last forward (lists in layer order) and, if captured, histograms."""
+        out = {"act_mean": [self.current.get(n, {}).get("mean") for n in self.names],
+               "act_var": [self.current.get(n, {}).get("var") for n in self.names],
+               "drift_mean": [self.current.get(n, {}).get("dmean") for n in self.names],
+               "drift_var": [self.current.get(n, {}).get("dvar") for n in self.names]}
+        hists = {str(self.hist_layers[n]): h for n, h in self.hists.items()}
+        self.current, self.hists = {}, {}
+        return out, hists
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {n: p for n, p in self.prev.items() if p is not None}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        for n in self.names:
+            self.prev[n] = state.get(n)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+# -------------------------------------------------------------------------------------------------
+# One run: the resumable training loop
+# -------------------------------------------------------------------------------------------------
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised by the test hook `interrupt_at` to simulate Ctrl-C at a given step."""
+
+
+@dataclasses.dataclass
+class RunSpec:
+    """One training run of a grid. `group` separates the main grid from the LR sweep."""
+    norm: str
+    lr: float
+    seed: int
+    steps: int
+    group: str = "main"
+    measure: bool = True
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.group}-{self.norm}-lr{self.lr:g}-s{self.seed}"
+
+
+class Task:
+    """What an experiment supplies to `train_run`. See vgg.py and dln.py."""
+
+    def monitor_points(self, model) -> Dict[str, torch.nn.Module]: ...
+    def hist_points(self, model) -> Dict[str, int]: ...  # monitored name -> layer number to histogram
+    def build_model(self, spec: RunSpec) -> torch.nn.Module: ...
+    def batch(self, spec: RunSpec, step: int): ...
+    def loss_and_metrics(self, model, batch) -> (torch.Tensor, Dict[str, float]): ...
+    def evaluate(self, model) -> Dict[str, float]: ...
+    def measure(self, model, batch, spec: RunSpec, step: int) -> Dict[str, Any]: ...
+    def after_backward(self, model) -> Dict[str, Any]: ...  # at measured steps, after the training backward
+    def summarize(self, spec: RunSpec, records: List[dict], info: Dict[str, Any]) -> Dict[str, Any]: ...
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return every > 0 and (step % every == 0 or step == last)
+
+
+def train_run(task, spec: RunSpec, run_dir: Path, *, device: torch.device, measure_every: int,
+              eval_every: int, checkpoint_every: int, momentum: float = 0.0, weight_decay: float = 0.0,
+              bar=None, interrupt_at: Optional[int] = None) -> Dict[str, Any]:
+    """Trains one run (or continues it from its checkpoint) and returns its summary.
+
+    Order within step t: [measure on batch t at the current weights] -> forward/backward on batch t
+    (the training step; activation statistics recorded) -> SGD update -> [eval after t+1 updates] ->
+    [checkpoint]. Measurement and evaluation run with the RNG state saved and restored, and the
+    landscape toolkit leaves parameters, gradients and buffers as they were, so the trajectory is the
+    same with or without them. A non-finite training loss ends the run as diverged at that step.
+    """
+    run_dir = Path(run_dir)
+    summary_path, ckpt_path, metrics_path = run_dir / "summary.json", run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
+    if summary_path.exists():
+        with open(summary_path) as f:
+            return json.load(f)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(spec.seed)
+    model = task.build_model(spec).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=momentum, weight_decay=weight_decay)
+    monitor = ActivationMonitor(task.monitor_points(model), task.hist_points(model))
+    state = {"step": 0, "train_s": 0.0, "measure_s": 0.0, "eval_s": 0.0, "train_steps": 0, "measures": 0,
+             "diverged_step": None, "resumed_from": []}
+    truncate = None
+    if ckpt_path.exists() and metrics_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        monitor.load_state_dict(ck["monitor"])
+        state = ck["state"]
+        state["resumed_from"] = list(state["resumed_from"]) + [state["step"]]
+        set_rng_state({k: v.cpu() for k, v in ck["rng"].items()}, device)
+        truncate = ck["metrics_offset"]
+    log = MetricsLog(metrics_path, truncate_to=truncate)
+    last = spec.steps - 1
+    if bar is not None:
+        bar.reset(total=spec.steps)
+        bar.update(state["step"])
+        bar.set_description(spec.run_id)
+    try:
+        if state["step"] == 0 and eval_every > 0:
+            with rng_preserved(device):
+                log.write({"type": "eval", "step": 0, **task.evaluate(model)})
+        for step in range(state["step"], spec.steps):
+            if interrupt_at is not None and step == interrupt_at:
+                raise Interrupted(f"simulated interrupt at step {step}")
+            batch = task.batch(spec, step)
+            measuring = spec.measure and _due(step, measure_every, last)
+            if measuring:
+                t0 = time.perf_counter()
+                with rng_preserved(device):
+                    rec = task.measure(model, batch, spec, step)
+                state["measure_s"] += time.perf_counter() - t0
+                state["measures"] += 1
+            t0 = time.perf_counter()
+            model.train()
+            monitor.active, monitor.capture = True, measuring
+            opt.zero_grad(set_to_none=True)
+            loss, metrics = task.loss_and_metrics(model, batch)
+            monitor.active = monitor.capture = False
+            finite = math.isfinite(loss.item())
+            if finite:
+                loss.backward()
+                if measuring:
+                    rec.update(task.after_backward(model))
+                opt.step()
+            state["train_s"] += time.perf_counter() - t0
+            state["train_steps"] += 1
+            acts, hists = monitor.take()
+            if measuring:
+                rec["hist"] = hists
+                log.write({"type": "measure", "step": step, **rec})
+            log.write({"type": "train", "step": step, **metrics, **acts})
+            if not finite:
+                state["diverged_step"] = step
+                log.write({"type": "diverged", "step": step, "loss": loss.item()})
+                state["step"] = step + 1
+                break
+            state["step"] = step + 1
+            if eval_every > 0 and (state["step"] % eval_every == 0 or step == last):
+                t0 = time.perf_counter()
+                with rng_preserved(device):
+                    log.write({"type": "eval", "step": state["step"], **task.evaluate(model)})
+                state["eval_s"] += time.perf_counter() - t0
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3g}", refresh=False)
+            if checkpoint_every > 0 and state["step"] % checkpoint_every == 0 and step != last:
+                offset = log.flush()
+                atomic_torch_save(ckpt_path, {
+                    "model": model.state_dict(), "optimizer": opt.state_dict(), "monitor": monitor.state_dict(),
+                    "state": state, "rng": rng_state(device), "metrics_offset": offset})
+        log.flush()
+    finally:
+        log.close()
+        monitor.remove()
+    records = read_jsonl(metrics_path)
+    summary = task.summarize(spec, records, dict(state))
+    summary.update({"run_id": spec.run_id, "spec": dataclasses.asdict(spec), "state": state})
+    atomic_write_json(summary_path, summary)
+    with contextlib.suppress(FileNotFoundError):
+        ckpt_path.unlink()
+    return summary
+
+
+def format_table(headers: List[str], rows: List[List[Any]]) -> str:
+    """A plain text table for the terminal."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.4g}"
+    return str(v)

@@ -1,0 +1,114 @@
+"""The paper's two networks, built with torch layers and converted by bnext.nn.convert(model, to=norm).
+
+VGG (PAPER.md [choice]): the VGG-16 layout, conv widths 64,64,M,128,128,M,256x3,M,512x3,M,512x3,M times a
+width multiplier, each conv followed by a normalization layer then ReLU (conv -> norm -> ReLU), and a
+linear classifier on the 1x1 feature map. Layer #k is the k-th conv layer (1-based).
+
+DLN: 25 square linear layers without bias, y = W_25 ... W_1 x, with a normalization layer after every
+linear layer but the last ([choice]).
+
+Initialization: Glorot (Xavier) uniform for every conv/linear weight, zero biases ("glorot"), or
+torch's default ("torch").
+"""
+from collections import OrderedDict
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+import bnext
+
+NORMS = ("none", "bn", "noisy_bn", "l1", "l2", "linf")
+VGG16_LAYOUT = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+
+
+def norm_available(norm: str) -> Tuple[bool, str]:
+    """Whether bnext.nn.convert supports `norm` in this bnext build, and if not, its error message."""
+    try:
+        bnext.nn.convert(nn.Sequential(nn.BatchNorm2d(2)), to=norm)
+        bnext.nn.convert(nn.Sequential(nn.BatchNorm1d(2)), to=norm)
+    except (ValueError, NotImplementedError, KeyError, TypeError) as e:
+        return False, f"{type(e).__name__}: {e}"
+    return True, ""
+
+
+def init_weights(model: nn.Module, scheme: str) -> None:
+    if scheme == "torch":
+        return
+    if scheme != "glorot":
+        raise ValueError(f"init must be 'glorot' or 'torch', got {scheme!r}")
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class VGG(nn.Module):
+    """VGG-16 layout for 32x32 inputs: features (blocks conv/norm/relu and max-pools) + linear classifier."""
+
+    def __init__(self, width: float = 1.0, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        layers, c, k = [], in_channels, 0
+        for v in VGG16_LAYOUT:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+                continue
+            k += 1
+            out = max(1, int(round(v * width)))
+            layers.append(nn.Sequential(OrderedDict(
+                conv=nn.Conv2d(c, out, 3, padding=1), norm=nn.BatchNorm2d(out), relu=nn.ReLU())))
+            c = out
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+    def blocks(self) -> List[nn.Sequential]:
+        return [m for m in self.features if isinstance(m, nn.Sequential)]
+
+
+def build_vgg(norm: str, width: float, init: str = "glorot", num_classes: int = 10) -> VGG:
+    model = VGG(width, num_classes)
+    init_weights(model, init)
+    return bnext.nn.convert(model, to=norm)
+
+
+def vgg_layer_names(model: VGG) -> Dict[str, List[str]]:
+    """Module names of the conv layers (#1..#13) and of the normalization outputs in the same order."""
+    convs, norms = [], []
+    for name, m in model.named_modules():
+        if name.endswith(".conv"):
+            convs.append(name)
+        if name.endswith(".norm"):
+            norms.append(name)
+    return {"conv": convs, "norm": norms}
+
+
+class DLN(nn.Module):
+    """Deep linear network: `depth` bias-free dim x dim linear layers, a BatchNorm1d after each but the last."""
+
+    def __init__(self, depth: int = 25, dim: int = 10):
+        super().__init__()
+        blocks = []
+        for i in range(depth):
+            parts = OrderedDict(linear=nn.Linear(dim, dim, bias=False))
+            if i < depth - 1:
+                parts["norm"] = nn.BatchNorm1d(dim)
+            blocks.append(nn.Sequential(parts))
+        self.layers = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def build_dln(norm: str, depth: int, dim: int, init: str = "glorot") -> DLN:
+    model = DLN(depth, dim)
+    init_weights(model, init)
+    return bnext.nn.convert(model, to=norm)
+
+
+def named_points(model: nn.Module, suffix: str = ".norm") -> Dict[str, nn.Module]:
+    """Modules whose outputs the activation monitor watches: every '<block>.norm' in forward order."""
+    return OrderedDict((n, m) for n, m in model.named_modules() if n.endswith(suffix))

@@ -1,0 +1,122 @@
+"""report.md: setup (data, device, versions), the claims table, the runs, the figures.
+
+`parse_claims(text)` reads the claims table back (used by the tests, usable by anyone)."""
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from .analysis import Claim
+
+CLAIMS_HEADER = "| # | claim | rule | measured | verdict |"
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def claims_markdown(claims: Sequence[Claim]) -> str:
+    lines = [CLAIMS_HEADER, "|---|---|---|---|---|"]
+    for c in claims:
+        lines.append("| " + " | ".join(_cell(x) for x in (c.id, c.claim, c.rule, c.measured, f"**{c.verdict}**")) + " |")
+    return "\n".join(lines)
+
+
+def parse_claims(text: str) -> List[Dict[str, str]]:
+    """The claims table of a report.md as a list of {id, claim, rule, measured, verdict}."""
+    rows, inside = [], False
+    for line in text.splitlines():
+        if line.strip() == CLAIMS_HEADER:
+            inside = True
+            continue
+        if inside:
+            if not line.startswith("|"):
+                break
+            if line.startswith("|---"):
+                continue
+            cells = [c.strip().replace("\\|", "|") for c in _split_row(line)]
+            rows.append(dict(zip(("id", "claim", "rule", "measured", "verdict"), cells[:4] + [cells[4].strip("*")])))
+    return rows
+
+
+def _split_row(line: str) -> List[str]:
+    body = line.strip()[1:-1]
+    cells, cur, i = [], "", 0
+    while i < len(body):
+        if body[i] == "\\" and i + 1 < len(body) and body[i + 1] == "|":
+            cur += "\\|"
+            i += 2
+            continue
+        if body[i] == "|":
+            cells.append(cur)
+            cur = ""
+        else:
+            cur += body[i]
+        i += 1
+    cells.append(cur)
+    return cells
+
+
+RUN_COLUMNS = [("run", "run_id"), ("steps", "steps_done"), ("diverged at", "diverged_step"),
+               ("final loss", "final_loss"), ("final train acc", "final_acc"), ("test acc", "test_acc"),
+               ("ICS cos", "ics_cosine"), ("loss range", "loss_range"), ("grad pred.", "grad_pred"),
+               ("beta", "beta"), ("drift", "drift"), ("|kurtosis|", "kurtosis"), ("steps/s", "steps_per_s"),
+               ("steps/s (measured)", "steps_per_s_with_measurement")]
+
+
+def run_rows(summaries: List[dict], columns=RUN_COLUMNS) -> List[List[Any]]:
+    return [[s.get(key) for _, key in columns] for s in summaries]
+
+
+def write_report(path: Path, *, title: str, command: str, env: Dict[str, Any], data_source: str,
+                 settings: Dict[str, Any], claims: Sequence[Claim], summaries: List[dict],
+                 missing: Dict[str, str], failed: Dict[str, str], figures: List[tuple], timing: Dict[str, Any],
+                 notes: Optional[List[str]] = None, columns=RUN_COLUMNS) -> str:
+    from .common import atomic_write_text
+    L = [f"# {title}", "", f"Command: `{command}`", ""]
+    L += ["## Setup", "",
+          f"- **Data:** {data_source}",
+          f"- **Device:** {env.get('device')} ({env.get('device_name')}); bnext kernels that ran: "
+          f"**{env.get('bnext_kernels_ran')}**; CUDA kernels built into this bnext: "
+          f"{_fmt(env.get('bnext_cuda_kernels_built'))}",
+          f"- **Versions:** torch {env.get('torch')}, bnext {env.get('bnext')}, Python {env.get('python')}",
+          f"- **CPU:** {env.get('threads')} threads per process, glibc allocator tuned: "
+          f"{_fmt(env.get('allocator_tuned'))}; processes: {env.get('world', 1)}",
+          "- **Settings:** " + ", ".join(f"{k}={_fmt(v)}" for k, v in settings.items()),
+          f"- **Time:** {timing.get('wall_s', 0):.0f} s of training in this invocation "
+          f"(all processes, runs skipped as finished not counted); median steps/s without measurement "
+          f"{_fmt(timing.get('steps_per_s'))}, with measurement {_fmt(timing.get('steps_per_s_measured'))}", ""]
+    if missing or failed:
+        L += ["## Runs not performed", ""]
+        for norm, why in missing.items():
+            L.append(f"- `{norm}`: not available in this bnext build ({why}); its runs are missing and the claims "
+                     "that need them are inconclusive.")
+        for run, why in failed.items():
+            L.append(f"- `{run}`: failed: {why}")
+        L.append("")
+    L += ["## Claims", "",
+          "Verdicts are computed from the runs below by PAPER.md's rules (final figures: mean over the last 10% "
+          "of steps; landscape figures: median over measurement points; mean over seeds, +- the seed std).", "",
+          claims_markdown(claims), ""]
+    if notes:
+        L += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    L += ["## Runs", "", "| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in run_rows(summaries, columns):
+        L.append("| " + " | ".join(_cell(_fmt(v)) for v in row) + " |")
+    L += ["", "## Figures", ""]
+    for fig_path, caption in figures:
+        L += [f"### {caption}", "", f"![{caption}]({Path(fig_path).name})", ""]
+    text = "\n".join(L)
+    atomic_write_text(path, text)
+    return text
