@@ -3,6 +3,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 #include <tuple>
+#include <vector>
 
 namespace bnext {
 
@@ -32,6 +33,16 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
     const Tensor& grad_out, const Tensor& input, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, bool training,
     double eps, bool relu);
+#endif
+
+// Multi-tensor ops (csrc/cpu/grad_stats.cpp, csrc/cuda/grad_stats.cu).
+// grad_stats: (len(a), 4) fp64, row i = [||a_i||^2, ||b_i||^2, ||a_i - b_i||^2, <a_i, b_i>].
+Tensor grad_stats_cpu(at::TensorList a, at::TensorList b);
+// multi_axpy: out_i of shape (K, *x_i.shape), out_i[k] = x_i - etas[k] * d_i.
+std::vector<Tensor> multi_axpy_cpu(at::TensorList x, at::TensorList d, at::ArrayRef<double> etas);
+#ifdef BNEXT_WITH_CUDA
+Tensor grad_stats_cuda(at::TensorList a, at::TensorList b);
+std::vector<Tensor> multi_axpy_cuda(at::TensorList x, at::TensorList d, at::ArrayRef<double> etas);
 #endif
 
 }  // namespace bnext

@@ -43,16 +43,25 @@ TORCH_LIBRARY(bnext, m) {
   // Returns (grad_input, sum_dy, sum_dy_xhat): grad_bias = sum_dy, grad_weight = sum_dy_xhat.
   m.def("batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, "
         "Tensor mean, Tensor var, bool training, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
+  // Multi-tensor gradient statistics (csrc/cpu/grad_stats.cpp): row i of the (len(a), 4) fp64
+  // result is [||a_i||^2, ||b_i||^2, ||a_i - b_i||^2, <a_i, b_i>].
+  m.def("grad_stats(Tensor[] a, Tensor[] b) -> Tensor");
+  // out_i[k] = x_i - etas[k] * d_i, each out_i of shape (len(etas), *x_i.shape).
+  m.def("multi_axpy(Tensor[] x, Tensor[] d, float[] etas) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(bnext, CPU, m) {
   m.impl("batch_norm_forward", &bnext::batch_norm_forward_cpu);
   m.impl("batch_norm_backward", &bnext::batch_norm_backward_cpu);
+  m.impl("grad_stats", &bnext::grad_stats_cpu);
+  m.impl("multi_axpy", &bnext::multi_axpy_cpu);
 }
 
 #ifdef BNEXT_WITH_CUDA
 TORCH_LIBRARY_IMPL(bnext, CUDA, m) {
   m.impl("batch_norm_forward", &bnext::batch_norm_forward_cuda);
   m.impl("batch_norm_backward", &bnext::batch_norm_backward_cuda);
+  m.impl("grad_stats", &bnext::grad_stats_cuda);
+  m.impl("multi_axpy", &bnext::multi_axpy_cuda);
 }
 #endif

@@ -1,0 +1,140 @@
+// Multi-tensor ops over lists of tensors, CPU: grad_stats and multi_axpy.
+//
+// grad_stats(a, b) -> (len(a), 4) fp64, row i = [ ||a_i||^2, ||b_i||^2, ||a_i - b_i||^2, <a_i, b_i> ]
+// multi_axpy(x, d, etas) -> list, out_i has shape (K, *x_i.shape), out_i[k] = x_i - etas[k] * d_i
+// Per-element formulas: csrc/common/grad_stats_math.h.
+//
+// Work: every tensor is cut into chunks of kMultiTensorChunk elements and the chunks of all
+// tensors form one list, processed in a single at::parallel_for (one parallel region, whatever
+// the number or sizes of the tensors). grad_stats writes one partial row per chunk and adds the
+// partials of a pair in chunk order afterwards, so results do not depend on the thread count.
+// multi_axpy reads each chunk of x and d once and writes its K outputs while it is in cache.
+//
+// Numerics: grad_stats does every product and sum in fp64 (converting fp32/fp16/bf16 to fp64 is
+// exact, so each product is exact to fp64 rounding), with kLanes independent accumulators per sum
+// so the adds do not serialize. multi_axpy computes in the op-math type (fp32, fp64 for fp64)
+// and rounds once to the tensor's dtype.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "../common/grad_stats_math.h"
+#include "../multi_tensor.h"
+#include "../ops.h"
+
+namespace bnext {
+namespace {
+
+constexpr int64_t kLanes = 16;
+
+// The four sums of a[0..len) and b[0..len), in fp64, added into out[0..4).
+template <typename scalar_t>
+void chunk_pair_sums(const void* a_ptr, const void* b_ptr, int64_t len, double* out) {
+  const scalar_t* a = static_cast<const scalar_t*>(a_ptr);
+  const scalar_t* b = static_cast<const scalar_t*>(b_ptr);
+  double aa[kLanes] = {}, bb[kLanes] = {}, dd[kLanes] = {}, ab[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j)
+      pair_sums_add(static_cast<double>(a[i + j]), static_cast<double>(b[i + j]), aa[j], bb[j], dd[j], ab[j]);
+  }
+  for (int64_t j = 0; i + j < len; ++j)
+    pair_sums_add(static_cast<double>(a[i + j]), static_cast<double>(b[i + j]), aa[j], bb[j], dd[j], ab[j]);
+  for (int64_t j = 0; j < kLanes; ++j) out[0] += aa[j], out[1] += bb[j], out[2] += dd[j], out[3] += ab[j];
+}
+
+using PairSumsFn = void (*)(const void*, const void*, int64_t, double*);
+
+PairSumsFn pair_sums_fn(at::ScalarType t) {
+  PairSumsFn fn = nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "bnext_grad_stats_cpu",
+                                  [&] { fn = &chunk_pair_sums<scalar_t>; });
+  return fn;
+}
+
+// out[k * len + i] = x[i] - etas[k] * d[i] for i in [begin, end), k in [0, K).
+template <typename scalar_t>
+void chunk_axpy(const void* x_ptr, const void* d_ptr, void* out_ptr, int64_t numel, int64_t begin,
+                int64_t end, const std::vector<double>& etas) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x = static_cast<const scalar_t*>(x_ptr);
+  const scalar_t* d = static_cast<const scalar_t*>(d_ptr);
+  scalar_t* out = static_cast<scalar_t*>(out_ptr);
+  for (size_t k = 0; k < etas.size(); ++k) {
+    const acc_t eta = static_cast<acc_t>(etas[k]);
+    scalar_t* o = out + static_cast<int64_t>(k) * numel;
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i)
+      o[i] = static_cast<scalar_t>(axpy_value(static_cast<acc_t>(x[i]), static_cast<acc_t>(d[i]), eta));
+  }
+}
+
+using AxpyFn = void (*)(const void*, const void*, void*, int64_t, int64_t, int64_t, const std::vector<double>&);
+
+AxpyFn axpy_fn(at::ScalarType t) {
+  AxpyFn fn = nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "bnext_multi_axpy_cpu",
+                                  [&] { fn = &chunk_axpy<scalar_t>; });
+  return fn;
+}
+
+}  // namespace
+
+Tensor grad_stats_cpu(at::TensorList a, at::TensorList b) {
+  check_tensor_pairs("bnext.grad_stats", "a", a, "b", b);
+  const int64_t n = static_cast<int64_t>(a.size());
+  Tensor out = at::zeros({n, 4}, at::TensorOptions().dtype(at::kDouble));
+  if (n == 0) return out;
+  const auto da = dense(a), db = dense(b);
+  std::vector<PairSumsFn> fns(n);
+  for (int64_t i = 0; i < n; ++i) fns[i] = pair_sums_fn(da[i].scalar_type());
+  const auto chunks = chunk_list(da);
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
+  std::vector<double> partial(4 * nchunks, 0.0);
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const Chunk& ch = chunks[c];
+      const int64_t i = ch.index, esize = da[i].element_size();
+      const char* pa = static_cast<const char*>(da[i].const_data_ptr()) + ch.begin * esize;
+      const char* pb = static_cast<const char*>(db[i].const_data_ptr()) + ch.begin * esize;
+      fns[i](pa, pb, ch.end - ch.begin, &partial[4 * c]);
+    }
+  });
+  double* o = out.mutable_data_ptr<double>();
+  for (int64_t c = 0; c < nchunks; ++c)
+    for (int64_t j = 0; j < 4; ++j) o[4 * chunks[c].index + j] += partial[4 * c + j];
+  return out;
+}
+
+std::vector<Tensor> multi_axpy_cpu(at::TensorList x, at::TensorList d, at::ArrayRef<double> etas) {
+  check_tensor_pairs("bnext.multi_axpy", "x", x, "d", d);
+  const int64_t n = static_cast<int64_t>(x.size());
+  const int64_t K = static_cast<int64_t>(etas.size());
+  const std::vector<double> eta_vec(etas.begin(), etas.end());
+  const auto dx = dense(x), dd = dense(d);
+  std::vector<Tensor> out(n);
+  std::vector<AxpyFn> fns(n);
+  for (int64_t i = 0; i < n; ++i) {
+    std::vector<int64_t> shape{K};
+    shape.insert(shape.end(), x[i].sizes().begin(), x[i].sizes().end());
+    out[i] = at::empty(shape, dx[i].options().memory_format(at::MemoryFormat::Contiguous));
+    fns[i] = axpy_fn(dx[i].scalar_type());
+  }
+  if (K == 0) return out;
+  const auto chunks = chunk_list(dx);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const Chunk& ch = chunks[c];
+      const int64_t i = ch.index;
+      fns[i](dx[i].const_data_ptr(), dd[i].const_data_ptr(), out[i].mutable_data_ptr(), dx[i].numel(),
+             ch.begin, ch.end, eta_vec);
+    }
+  });
+  return out;
+}
+
+}  // namespace bnext

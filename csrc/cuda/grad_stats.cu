@@ -1,0 +1,261 @@
+// Multi-tensor ops over lists of tensors, CUDA: grad_stats and multi_axpy. Same semantics as
+// csrc/cpu/grad_stats.cpp; per-element formulas in csrc/common/grad_stats_math.h.
+//
+// Multi-tensor-apply style: every tensor is cut into chunks of kMultiTensorChunk elements
+// (csrc/multi_tensor.h) and one launch covers the chunks of all tensors, one block per chunk.
+// The per-tensor metadata (pointers, sizes, dtypes) and the chunk -> tensor table are packed
+// into one int64 buffer and copied to the device once per call, so there is no limit on the
+// number of tensors and no per-tensor launch. Tensors of different dtypes can share a launch:
+// a block switches on its tensor's dtype once.
+//
+// grad_stats: launch 1 writes one fp64 partial row per chunk (block tree reduction: warp shuffles,
+// then shared memory); launch 2 adds each pair's partial rows in a fixed order, one block per
+// pair. No atomics, so the result is deterministic.
+// multi_axpy: one launch; each block reads its chunk of x and d once and writes the K outputs.
+//
+// Numerics: grad_stats multiplies and adds in fp64 (as the CPU path); multi_axpy computes in
+// fp32 (fp64 for fp64) and rounds once to the tensor's dtype.
+#if !defined(C10_CUDA_NO_CMAKE_CONFIGURE_FILE) && defined(__has_include)
+#if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
+// CPU builds of torch ship c10/cuda headers without this generated file (compile-only checks).
+#define C10_CUDA_NO_CMAKE_CONFIGURE_FILE
+#endif
+#endif
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <vector>
+
+#include "../common/grad_stats_math.h"
+#include "../multi_tensor.h"
+#include "../ops.h"
+
+namespace bnext {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarpSize = 32;
+constexpr int kWarps = kThreads / kWarpSize;
+
+// Element types as seen by the kernels; the dtype code travels in the metadata.
+enum DtypeCode : int64_t { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
+
+int64_t dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kF32;
+    case at::kDouble: return kF64;
+    case at::kHalf: return kF16;
+    case at::kBFloat16: return kBF16;
+    default: TORCH_INTERNAL_ASSERT(false, "bnext: unexpected dtype ", t);
+  }
+  return -1;
+}
+
+// Per-tensor metadata, laid out as 6 int64 in the packed buffer.
+struct TensorMeta {
+  int64_t a;            // const pointer: a_i (grad_stats) or x_i (multi_axpy)
+  int64_t b;            // const pointer: b_i or d_i
+  int64_t out;          // pointer: out_i (multi_axpy only)
+  int64_t numel;
+  int64_t dtype;        // DtypeCode
+  int64_t first_chunk;  // index of the tensor's first chunk in the chunk table
+};
+static_assert(sizeof(TensorMeta) == 6 * sizeof(int64_t), "TensorMeta must pack as 6 int64");
+
+// Load/store in the op-math type: fp32 for fp16/bf16/fp32, fp64 for fp64.
+template <typename T> struct Io;
+template <> struct Io<float> {
+  using acc_t = float;
+  __device__ static float load(const float* p, int64_t i) { return p[i]; }
+  __device__ static void store(float* p, int64_t i, float v) { p[i] = v; }
+};
+template <> struct Io<double> {
+  using acc_t = double;
+  __device__ static double load(const double* p, int64_t i) { return p[i]; }
+  __device__ static void store(double* p, int64_t i, double v) { p[i] = v; }
+};
+template <> struct Io<__half> {
+  using acc_t = float;
+  __device__ static float load(const __half* p, int64_t i) { return __half2float(p[i]); }
+  __device__ static void store(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
+};
+template <> struct Io<__nv_bfloat16> {
+  using acc_t = float;
+  __device__ static float load(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
+  __device__ static void store(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
+};
+
+// Calls f(T{}) with T the element type of `code`; the switch is uniform across a block.
+template <typename F>
+__device__ void with_element_type(int64_t code, F&& f) {
+  switch (code) {
+    case kF32: f(float{}); break;
+    case kF64: f(double{}); break;
+    case kF16: f(__half{}); break;
+    default: f(__nv_bfloat16{}); break;
+  }
+}
+
+// Sum of v over the block, valid in thread 0.
+__device__ double block_sum(double v, double* shared) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  __syncthreads();  // `shared` may still be read by a previous call
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < kWarps ? shared[threadIdx.x] : 0.0;
+  if (warp == 0)
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Writes the block's four sums (aa, bb, dd, ab) to out[0..4) from thread 0.
+__device__ void store_block_sums(double aa, double bb, double dd, double ab, double* out) {
+  __shared__ double shared[kWarps];
+  aa = block_sum(aa, shared);
+  bb = block_sum(bb, shared);
+  dd = block_sum(dd, shared);
+  ab = block_sum(ab, shared);
+  if (threadIdx.x == 0) out[0] = aa, out[1] = bb, out[2] = dd, out[3] = ab;
+}
+
+// Launch 1: block c reduces chunk c of its pair into partial[4c .. 4c+4).
+__global__ void grad_stats_chunk_kernel(const TensorMeta* __restrict__ meta,
+                                        const int64_t* __restrict__ chunk_tensor,
+                                        double* __restrict__ partial) {
+  const int64_t c = blockIdx.x;
+  const TensorMeta m = meta[chunk_tensor[c]];
+  const int64_t begin = (c - m.first_chunk) * kMultiTensorChunk;
+  const int64_t end = begin + kMultiTensorChunk < m.numel ? begin + kMultiTensorChunk : m.numel;
+  double aa = 0, bb = 0, dd = 0, ab = 0;
+  with_element_type(m.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* a = reinterpret_cast<const T*>(m.a);
+    const T* b = reinterpret_cast<const T*>(m.b);
+    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads)
+      pair_sums_add(static_cast<double>(Io<T>::load(a, i)), static_cast<double>(Io<T>::load(b, i)), aa, bb, dd, ab);
+  });
+  store_block_sums(aa, bb, dd, ab, partial + 4 * c);
+}
+
+// Launch 2: block p adds the partial rows of pair p (chunks first_chunk .. first_chunk + n - 1).
+__global__ void grad_stats_finalize_kernel(const TensorMeta* __restrict__ meta, int64_t num_pairs,
+                                           const double* __restrict__ partial, double* __restrict__ out) {
+  for (int64_t p = blockIdx.x; p < num_pairs; p += gridDim.x) {
+    const TensorMeta m = meta[p];
+    const int64_t nchunks = (m.numel + kMultiTensorChunk - 1) / kMultiTensorChunk;
+    double aa = 0, bb = 0, dd = 0, ab = 0;
+    for (int64_t k = threadIdx.x; k < nchunks; k += kThreads) {
+      const double* row = partial + 4 * (m.first_chunk + k);
+      aa += row[0], bb += row[1], dd += row[2], ab += row[3];
+    }
+    store_block_sums(aa, bb, dd, ab, out + 4 * p);
+  }
+}
+
+// Block c writes chunk c of every out_i[k] = x_i - etas[k] * d_i, k < K.
+__global__ void multi_axpy_kernel(const TensorMeta* __restrict__ meta, const int64_t* __restrict__ chunk_tensor,
+                                  const double* __restrict__ etas, int64_t K) {
+  const int64_t c = blockIdx.x;
+  const TensorMeta m = meta[chunk_tensor[c]];
+  const int64_t begin = (c - m.first_chunk) * kMultiTensorChunk;
+  const int64_t end = begin + kMultiTensorChunk < m.numel ? begin + kMultiTensorChunk : m.numel;
+  with_element_type(m.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using acc_t = typename Io<T>::acc_t;
+    const T* x = reinterpret_cast<const T*>(m.a);
+    const T* d = reinterpret_cast<const T*>(m.b);
+    T* out = reinterpret_cast<T*>(m.out);
+    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+      const acc_t xv = Io<T>::load(x, i), dv = Io<T>::load(d, i);
+      for (int64_t k = 0; k < K; ++k)
+        Io<T>::store(out, k * m.numel + i, axpy_value(xv, dv, static_cast<acc_t>(etas[k])));
+    }
+  });
+}
+
+// Packs [TensorMeta per tensor][chunk -> tensor table][etas as fp64 bits] into one int64 host
+// tensor and copies it to `device`.
+at::Tensor pack_metadata(at::TensorList a, at::TensorList b, const std::vector<at::Tensor>* out,
+                         const std::vector<Chunk>& chunks, at::ArrayRef<double> etas,
+                         const at::Device& device) {
+  const int64_t n = static_cast<int64_t>(a.size());
+  const int64_t words = 6 * n + static_cast<int64_t>(chunks.size()) + static_cast<int64_t>(etas.size());
+  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong));
+  int64_t* w = host.mutable_data_ptr<int64_t>();
+  std::vector<int64_t> first_chunk(n, 0);
+  for (int64_t c = static_cast<int64_t>(chunks.size()) - 1; c >= 0; --c) first_chunk[chunks[c].index] = c;
+  for (int64_t i = 0; i < n; ++i) {
+    TensorMeta m{reinterpret_cast<int64_t>(a[i].const_data_ptr()), reinterpret_cast<int64_t>(b[i].const_data_ptr()),
+                 out ? reinterpret_cast<int64_t>((*out)[i].mutable_data_ptr()) : 0, a[i].numel(),
+                 dtype_code(a[i].scalar_type()), first_chunk[i]};
+    std::memcpy(w + 6 * i, &m, sizeof(m));
+  }
+  int64_t* table = w + 6 * n;
+  for (size_t c = 0; c < chunks.size(); ++c) table[c] = chunks[c].index;
+  if (!etas.empty()) std::memcpy(table + chunks.size(), etas.data(), etas.size() * sizeof(double));
+  return host.to(device);
+}
+
+}  // namespace
+
+Tensor grad_stats_cuda(at::TensorList a, at::TensorList b) {
+  const at::Device device = check_tensor_pairs("bnext.grad_stats", "a", a, "b", b);
+  const int64_t n = static_cast<int64_t>(a.size());
+  TORCH_CHECK_VALUE(device.is_cuda(), "bnext.grad_stats: expected CUDA tensors, got ", device);
+  const c10::cuda::CUDAGuard guard(device);
+  const auto da = dense(a), db = dense(b);
+  const auto chunks = chunk_list(da);
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
+  const at::Tensor meta = pack_metadata(da, db, nullptr, chunks, {}, device);
+  const auto* meta_ptr = reinterpret_cast<const TensorMeta*>(meta.const_data_ptr<int64_t>());
+  const auto f64 = at::TensorOptions().dtype(at::kDouble).device(device);
+  at::Tensor partial = at::empty({std::max<int64_t>(nchunks, 1), 4}, f64);
+  at::Tensor out = at::empty({n, 4}, f64);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (nchunks > 0) {
+    grad_stats_chunk_kernel<<<static_cast<unsigned>(nchunks), kThreads, 0, stream>>>(
+        meta_ptr, meta.const_data_ptr<int64_t>() + 6 * n, partial.mutable_data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(n, 65535));
+  grad_stats_finalize_kernel<<<grid, kThreads, 0, stream>>>(meta_ptr, n, partial.const_data_ptr<double>(),
+                                                             out.mutable_data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+std::vector<Tensor> multi_axpy_cuda(at::TensorList x, at::TensorList d, at::ArrayRef<double> etas) {
+  const at::Device device = check_tensor_pairs("bnext.multi_axpy", "x", x, "d", d);
+  const int64_t n = static_cast<int64_t>(x.size());
+  const int64_t K = static_cast<int64_t>(etas.size());
+  TORCH_CHECK_VALUE(device.is_cuda(), "bnext.multi_axpy: expected CUDA tensors, got ", device);
+  const c10::cuda::CUDAGuard guard(device);
+  const auto dx = dense(x), dd = dense(d);
+  std::vector<Tensor> out(n);
+  for (int64_t i = 0; i < n; ++i) {
+    std::vector<int64_t> shape{K};
+    shape.insert(shape.end(), x[i].sizes().begin(), x[i].sizes().end());
+    out[i] = at::empty(shape, dx[i].options().memory_format(at::MemoryFormat::Contiguous));
+  }
+  const auto chunks = chunk_list(dx);
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
+  if (K == 0 || nchunks == 0) return out;
+  const at::Tensor meta = pack_metadata(dx, dd, &out, chunks, etas, device);
+  const int64_t* words = meta.const_data_ptr<int64_t>();
+  multi_axpy_kernel<<<static_cast<unsigned>(nchunks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const TensorMeta*>(words), words + 6 * n,
+      reinterpret_cast<const double*>(words + 6 * n + nchunks), K);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace bnext
