@@ -367,7 +367,7 @@ def _due(step: int, every: int, last: int) -> bool:
 
 def train_run(task, spec: RunSpec, run_dir: Path, *, device: torch.device, measure_every: int,
               eval_every: int, checkpoint_every: int, momentum: float = 0.0, weight_decay: float = 0.0,
-              bar=None, interrupt_at: Optional[int] = None) -> Dict[str, Any]:
+              bar=None, interrupt_at: Optional[int] = None, save_weights: bool = False) -> Dict[str, Any]:
     """Trains one run (or continues it from its checkpoint) and returns its summary.
 
     Order within step t: [measure on batch t at the current weights] -> forward/backward on batch t
@@ -461,6 +461,8 @@ def train_run(task, spec: RunSpec, run_dir: Path, *, device: torch.device, measu
     finally:
         log.close()
         monitor.remove()
+    if save_weights:
+        atomic_torch_save(run_dir / "final.pt", model.state_dict())
     records = read_jsonl(metrics_path)
     summary = task.summarize(spec, records, dict(state))
     summary.update({"run_id": spec.run_id, "spec": dataclasses.asdict(spec), "state": state})

@@ -68,6 +68,11 @@ def _diverged_marks(ax, seeds: List[List[dict]], norm: str):
                             color=COLORS.get(norm), fontsize=7, ha="right", va="center")
 
 
+def _legend(ax, **kw):
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -122,7 +127,7 @@ def curves(runs: Runs, norms: Sequence[str], lrs: Sequence[float], path: Path, t
             ax.grid(alpha=0.3)
             if i == 0:
                 ax.set_title(f"LR = {lr:g}")
-        axes[0][0].legend(fontsize=8)
+        _legend(axes[0][0], fontsize=8)
     fig.suptitle(title)
     return _save(fig, path)
 
@@ -158,7 +163,7 @@ def histograms(runs: Runs, norms: Sequence[str], layers: Sequence[int], lr: floa
             ax.set_xlabel("activation (norm-layer output)")
             ax.grid(alpha=0.3)
             if i == 0 and j == len(norms) - 1:
-                ax.legend(fontsize=7)
+                _legend(ax, fontsize=7)
     fig.suptitle(title)
     return _save(fig, path)
 
@@ -195,7 +200,7 @@ def ics(runs: Runs, norms: Sequence[str], layers: Sequence[int], lrs: Sequence[f
         for ax in axes[:, j]:
             ax.set_xlabel("training step")
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    _legend(axes[0][0], fontsize=8)
     fig.suptitle(title)
     return _save(fig, path)
 
@@ -235,7 +240,7 @@ def landscape(runs: Runs, norms: Sequence[str], lr: float, path: Path, title: st
         ax.set_xlabel("training step")
         ax.set_title(t)
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=8)
+    _legend(axes[0], fontsize=8)
     fig.suptitle(title + f" (LR = {lr:g}, seed 0; shaded: range over the probe step sizes)")
     return _save(fig, path)
 
@@ -281,7 +286,7 @@ def drift(runs: Runs, norms: Sequence[str], lr: float, path: Path, title: str, g
         ax.grid(alpha=0.3, which="both")
     for ax in axes[1:]:
         ax.set_xlabel("layer # (normalization output)")
-    axes[0].legend(fontsize=8)
+    _legend(axes[0], fontsize=8)
     fig.suptitle(title + f" (LR = {lr:g}; per channel, averaged over channels)")
     return _save(fig, path)
 
@@ -316,7 +321,7 @@ def lr_sweep(summaries: List[dict], norms: Sequence[str], stable: Dict[str, Opti
     ax.set_xlabel("learning rate (log)")
     ax.set_ylabel("final training loss (log); x = diverged")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     ax.set_title(title + "\n(dashed: largest stable LR)")
     return _save(fig, path)
 
@@ -337,6 +342,6 @@ def curvature(runs: Runs, norms: Sequence[str], lr: float, path: Path, title: st
     ax.set_xlabel("training step")
     ax.set_ylabel("top Hessian eigenvalue (train-mode BN; symlog)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     ax.set_title(title + f" (LR = {lr:g})")
     return _save(fig, path)

@@ -34,6 +34,7 @@ class Experiment:
     specs: Callable                             # cfg -> list[RunSpec]
     report: Callable                            # (ctx dict) -> (claims, figures, text)
     argv: List[str]
+    columns: Optional[list] = None              # run-table columns (report.RUN_COLUMNS by default)
 
 
 def _check_config(out: Path, cfg_dict: Dict[str, Any]) -> None:
@@ -120,7 +121,7 @@ def _execute(exp: Experiment, dist: Dist) -> int:
             common.train_run(task, spec, run_dir, device=device, measure_every=cfg.measure_every,
                              eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
                              momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                             bar=run_bar,
+                             bar=run_bar, save_weights=cfg.save_weights,
                              interrupt_at=getattr(cfg, "_interrupt_at", None))
         except KeyboardInterrupt:
             raise
@@ -163,8 +164,9 @@ def _execute(exp: Experiment, dist: Dist) -> int:
         "missing_norms": missing, "failed_runs": failed,
         "claims": [dataclasses.asdict(c) for c in claims], "runs": summaries})
     from .report import RUN_COLUMNS, run_rows
+    cols = (exp.columns or RUN_COLUMNS)[:10]
     print()
-    print(common.format_table([h for h, _ in RUN_COLUMNS[:10]], [r[:10] for r in run_rows(summaries)]))
+    print(common.format_table([h for h, _ in cols], run_rows(summaries, cols)))
     print()
     print(common.format_table(["claim", "verdict", "measured"],
                               [[c.id, c.verdict, c.measured[:150] + ("..." if len(c.measured) > 150 else "")]

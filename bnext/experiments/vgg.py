@@ -70,6 +70,7 @@ class VGGConfig:
     checkpoint_every: int = option(120, "steps between checkpoints (0: none)")
     out: Optional[str] = option(None, "output directory (default runs/vgg-<preset>)")
     progress: bool = option(True, "tqdm progress bars")
+    save_weights: bool = option(False, "keep each run's final weights as runs/<run>/final.pt")
 
     def validate(self):
         bad = [n for n in self.norms + self.ics_norms if n not in NORMS]

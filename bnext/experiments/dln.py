@@ -1,0 +1,195 @@
+"""python -m bnext.experiments.dln: the paper's deep linear network (PAPER.md "DLN").
+
+25 square 10x10 linear layers, loss ||W_25...W_1 x - A x||^2 (summed over outputs, averaged over the
+1,000 Gaussian points), full-batch gradient descent, Glorot init, with and without BatchNorm after every
+linear layer but the last (and the l_p normalizations). Measures ICS of every layer (paper: #9 and #17
+at LR 1e-6 and 1e-7) and the landscape along the gradient over [0.01, 30] x LR; writes loss curves,
+ICS and landscape figures and report.md with the DLN claims rows.
+
+    python -m bnext.experiments.dln          # the paper's protocol; a few minutes on CPU
+"""
+import dataclasses
+import sys
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from . import analysis, figures, measure
+from .common import RunSpec
+from .config import log_grid, option, parse_config
+from .models import NORMS, build_dln
+from .runner import Experiment, execute
+
+
+@dataclasses.dataclass
+class DLNConfig:
+    preset: str = option("quick", "preset name")
+    norms: List[str] = option(["none", "bn", "l1", "l2", "linf"], "normalizations (bnext.nn.convert targets)")
+    lrs: List[float] = option([1e-6], "learning rates of the main grid (paper: 1e-6)")
+    ics_lrs: List[float] = option([1e-7], "extra learning rates run for --ics-norms only (paper Fig 3: 1e-6 and 1e-7)")
+    ics_norms: List[str] = option(["none", "bn"], "normalizations run at the extra --ics-lrs")
+    ref_lr: float = option(1e-6, "LR whose runs the landscape figure and claims use")
+    seeds: List[int] = option([0], "seeds (weights; the data uses --data-seed)")
+    steps: int = option(10000, "gradient-descent steps (paper: 10000)")
+    depth: int = option(25, "linear layers (paper: 25)")
+    dim: int = option(10, "width of every layer (paper: 10)")
+    points: int = option(1000, "data points x (paper: 1000)")
+    data_seed: int = option(0, "seed of A and x")
+    init: str = option("glorot", "weight init: glorot or torch", choices=["glorot", "torch"])
+    momentum: float = option(0.0, "momentum ([choice]: plain gradient descent)")
+    weight_decay: float = option(0.0, "weight decay ([choice]: none)")
+    measure_every: int = option(500, "steps between measurements (0: never) [choice: K]")
+    probe_etas: List[float] = option([0.01, 30.0], "line-probe step sizes as multiples of the LR: two values = a "
+                                                   "log grid of --probe-points between them, more = the list itself")
+    probe_points: int = option(8, "points of the line-probe log grid [choice: 8]")
+    ics_layers: List[int] = option([9, 17], "layers shown in the ICS figure (all layers are measured)")
+    curvature: bool = option(False, "also record the top Hessian eigenvalue at each measurement")
+    curvature_iters: int = option(20, "power iterations for the Hessian eigenvalue")
+    device: str = option("cpu", "cpu, cuda, cuda:N or auto (tiny tensors: CPU is faster)")
+    threads: Optional[int] = option(1, "CPU threads per process (tiny tensors: 1 is fastest)")
+    tune_allocator: bool = option(True, "call bnext.tune_cpu_allocator() on CPU")
+    checkpoint_every: int = option(2000, "steps between checkpoints (0: none)")
+    out: Optional[str] = option(None, "output directory (default runs/dln-<preset>)")
+    progress: bool = option(True, "tqdm progress bars")
+    save_weights: bool = option(False, "keep each run's final weights as runs/<run>/final.pt")
+
+    # fields the shared runner reads
+    eval_every: int = option(0, "unused by the DLN (full batch: the training loss is the figure)")
+
+    def validate(self):
+        bad = [n for n in self.norms + self.ics_norms if n not in NORMS]
+        if bad:
+            raise ValueError(f"unknown normalization(s) {bad}; choose from {list(NORMS)}")
+        if any(lr <= 0 for lr in self.lrs + self.ics_lrs):
+            raise ValueError("learning rates must be positive")
+        if self.steps < 1 or self.depth < 2 or self.dim < 1 or self.points < 2:
+            raise ValueError("--steps >= 1, --depth >= 2, --dim >= 1, --points >= 2 are required")
+        if any(not 1 <= k <= self.depth for k in self.ics_layers):
+            raise ValueError(f"--ics-layers must be in 1..{self.depth}")
+        if len(self.probe_etas) < 2 or any(e <= 0 for e in self.probe_etas):
+            raise ValueError("--probe-etas needs at least two positive multipliers")
+        if self.out is None:
+            self.out = f"runs/dln-{self.preset}"
+
+    def eta_multipliers(self) -> List[float]:
+        if len(self.probe_etas) == 2:
+            return log_grid(self.probe_etas[0], self.probe_etas[1], self.probe_points)
+        return list(self.probe_etas)
+
+
+PRESETS: Dict[str, Dict[str, Any]] = {"quick": {}, "paper": {}}
+
+
+def _mse(model, batch):
+    x, y = batch
+    return (model(x) - y).pow(2).sum(1).mean()
+
+
+class DLNTask:
+    def __init__(self, cfg: DLNConfig, device: torch.device, say=print):
+        self.cfg, self.device = cfg, device
+        g = torch.Generator().manual_seed(cfg.data_seed)
+        A = torch.randn(cfg.dim, cfg.dim, generator=g)
+        x = torch.randn(cfg.points, cfg.dim, generator=g)
+        self.data = (x.to(device), (x @ A.T).to(device))
+        self.data_source = (f"synthetic deep-linear-network task: x ~ N(0, I) ({cfg.points} points, dim {cfg.dim}), "
+                            f"targets A x with A ~ N(0, 1) entries (data seed {cfg.data_seed})")
+        self.landscape_ok, self.landscape_why = measure.landscape_available()
+
+    def build_model(self, spec: RunSpec):
+        return build_dln(spec.norm, self.cfg.depth, self.cfg.dim, self.cfg.init)
+
+    def monitor_points(self, model):
+        return {}  # no activation figures for the DLN: keep its many tiny steps cheap
+
+    def hist_points(self, model):
+        return {}
+
+    def batch(self, spec: RunSpec, step: int):
+        return self.data
+
+    def loss_and_metrics(self, model, batch):
+        loss = _mse(model, batch)
+        return loss, {"loss": loss.item()}
+
+    def evaluate(self, model):
+        return {}
+
+    def measure(self, model, batch, spec: RunSpec, step: int) -> Dict[str, Any]:
+        if not self.landscape_ok:
+            return {"missing": [self.landscape_why]}
+        model.train()
+        layers = [n for n, _ in model.named_modules() if n.endswith(".linear")]
+        rec: Dict[str, Any] = {"ics": measure.ics(model, _mse, batch, spec.lr, layers)}
+        rec["probe"] = measure.line_probe(model, _mse, batch, [m * spec.lr for m in self.cfg.eta_multipliers()])
+        if self.cfg.curvature:
+            rec["hessian_top"] = measure.hessian_top(model, _mse, batch, self.cfg.curvature_iters)
+        return rec
+
+    def after_backward(self, model) -> Dict[str, Any]:
+        if not self.landscape_ok:
+            return {}
+        return {"thm41": measure.theorem41(model)}
+
+    def summarize(self, spec, records, state):
+        return analysis.summarize_run(records, state, spec.steps)
+
+
+def specs(cfg: DLNConfig) -> List[RunSpec]:
+    out = [RunSpec(n, lr, s, cfg.steps) for n in cfg.norms for lr in cfg.lrs for s in cfg.seeds]
+    out += [RunSpec(n, lr, s, cfg.steps) for n in cfg.ics_norms for lr in cfg.ics_lrs if lr not in cfg.lrs
+            for s in cfg.seeds]
+    return out
+
+
+DLN_COLUMNS = [("run", "run_id"), ("steps", "steps_done"), ("diverged at", "diverged_step"),
+               ("initial loss", "initial_loss"), ("final loss", "final_loss"), ("ICS cos", "ics_cosine"),
+               ("ICS l2", "ics_l2"), ("loss range", "loss_range"), ("grad pred.", "grad_pred"), ("beta", "beta"),
+               ("steps/s", "steps_per_s"), ("steps/s (measured)", "steps_per_s_with_measurement")]
+
+
+def make_report(ctx) -> tuple:
+    from .report import write_report
+    cfg, out, grid, runs = ctx["cfg"], ctx["out"], ctx["grid"], ctx["records"]
+    lrs = grid.lrs("main")
+    ref = cfg.ref_lr if cfg.ref_lr in lrs or not lrs else lrs[-1]
+    ics_lrs = sorted({lr for lr in [ref] + list(cfg.ics_lrs) if grid.get("bn", lr) or grid.get("none", lr)}, reverse=True)
+    claims = [analysis.claim1(grid, sorted(cfg.lrs)), analysis.claim3_dln(grid, ics_lrs),
+              analysis.claim4(grid, ref, label="4 (DLN)"), analysis.claim6(ctx["summaries"])]
+    claims[0].id, claims[0].claim = "1 (DLN)", "DLN: BN reaches a lower loss than the plain network"
+    if cfg.curvature:
+        claims.append(analysis.claim_curvature(grid, ref))
+    figs = []
+
+    def add(path, caption):
+        if path is not None:
+            figs.append((path, caption))
+    add(figures.curves(runs, cfg.norms, sorted(set(cfg.lrs) | set(cfg.ics_lrs), reverse=True), out / "dln_loss.png",
+                       "Deep linear network: training loss", with_test=False, acc=False), "DLN: training loss")
+    add(figures.ics(runs, ["none", "bn"], cfg.ics_layers, ics_lrs, out / "dln_ics.png",
+                    "Fig 3 (DLN): internal covariate shift"), "Fig 3 (DLN): ICS")
+    add(figures.landscape(runs, cfg.norms, ref, out / "dln_landscape.png", "Landscape along the gradient, DLN"),
+        "DLN twin of Fig 4: loss landscape, gradient predictiveness, beta-smoothness")
+    if cfg.curvature:
+        add(figures.curvature(runs, cfg.norms, ref, out / "dln_curvature.png", "DLN: top Hessian eigenvalue"),
+            "DLN: top Hessian eigenvalue")
+    text = write_report(out / "report.md", title="How does BatchNorm help optimization? Deep linear network",
+                        command=ctx["command"], env=ctx["env"], data_source=ctx["data_source"],
+                        settings={k: getattr(cfg, k) for k in ("preset", "depth", "dim", "points", "steps",
+                                                              "measure_every", "seeds")},
+                        claims=claims, summaries=ctx["summaries"], missing=ctx["missing"], failed=ctx["failed"],
+                        figures=figs, timing=ctx["timing"], columns=DLN_COLUMNS,
+                        notes=[f"Reference LR for claim 4: {ref:g}; ICS LRs: {', '.join(f'{v:g}' for v in ics_lrs)}.",
+                               "Line probes use step sizes " + ", ".join(f"{m:.3g}" for m in cfg.eta_multipliers())
+                               + " x LR, BN in train mode (full batch)."])
+    return claims, figs, text
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_config(DLNConfig, PRESETS, argv, "python -m bnext.experiments.dln", __doc__.split("\n\n")[0])
+    return execute(Experiment("dln", cfg, DLNTask, specs, make_report, list(argv), DLN_COLUMNS))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

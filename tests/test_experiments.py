@@ -1,0 +1,298 @@
+"""The experiment suite (bnext.experiments): tiny end-to-end runs of both commands, resume, measurement
+invariance, torchrun with 2 CPU processes, and the claim rules on hand-made summaries."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnext.experiments import analysis, common, dln, vgg
+from bnext.experiments.config import parse_config
+from bnext.experiments.models import build_vgg, norm_available, vgg_layer_names
+from bnext.experiments.report import parse_claims
+from bnext.experiments.runner import Experiment, execute
+
+VERDICTS = {analysis.REPRODUCED, analysis.NOT_REPRODUCED, analysis.INCONCLUSIVE}
+TINY_VGG = ["--dataset", "synthetic", "--no-download", "--width", "0.0625", "--batch-size", "32",
+            "--train-size", "256", "--test-size", "64", "--steps", "6", "--eval-every", "3", "--measure-every", "3",
+            "--checkpoint-every", "2", "--lrs", "0.1", "--ics-lrs", "0.01", "--probe-points", "3",
+            "--no-progress", "--threads", "2"]
+TINY_DLN = ["--depth", "6", "--dim", "4", "--points", "64", "--steps", "12", "--measure-every", "6",
+            "--ics-layers", "2,4", "--probe-points", "3", "--checkpoint-every", "4", "--no-progress"]
+
+
+def _landscape_available():
+    try:
+        import bnext.landscape  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _cfg(module, argv):
+    cls = vgg.VGGConfig if module is vgg else dln.DLNConfig
+    return parse_config(cls, module.PRESETS, argv, "test", "test")
+
+
+def _run(module, argv, interrupt_at=None):
+    cfg = _cfg(module, argv)
+    if interrupt_at is not None:
+        cfg._interrupt_at = interrupt_at
+    task = vgg.VGGTask if module is vgg else dln.DLNTask
+    cols = None if module is vgg else dln.DLN_COLUMNS
+    return execute(Experiment(module.__name__.rsplit(".", 1)[1], cfg, task, module.specs, module.make_report,
+                              list(argv), cols))
+
+
+def _check_report(out: Path, expected_claims, figures):
+    for name in ["config.json", "summary.json", "report.md"] + figures:
+        assert (out / name).is_file(), name
+        if name.endswith(".png"):
+            assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (out / "report.md").read_text()
+    rows = parse_claims(text)
+    assert [r["id"] for r in rows] == expected_claims
+    assert all(r["verdict"] in VERDICTS for r in rows), rows
+    assert all(r["rule"] and r["measured"] for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [c["verdict"] for c in summary["claims"]] == [r["verdict"] for r in rows]
+    assert "Data:" in text and "torch" in text and "bnext" in text
+    for fig in figures:
+        assert f"]({fig})" in text
+    return rows, summary
+
+
+def test_vgg_end_to_end_every_artifact(tmp_path):
+    out = tmp_path / "vgg"
+    argv = TINY_VGG + ["--out", str(out), "--lr-sweep", "--sweep-lrs", "0.1,1e6", "--sweep-steps", "3",
+                       "--norms", "none,bn,noisy_bn,l1,l2,linf", "--curvature", "--curvature-iters", "2"]
+    code = _run(vgg, argv)
+    assert code == 0
+    figs = ["fig1_accuracy.png", "fig1_histograms.png", "fig2_noisy_bn.png", "fig2_histograms.png",
+            "fig4_landscape.png" if _landscape_available() else "fig1_accuracy.png",
+            "fig_lp_curves.png", "fig_drift.png", "fig_lr_sweep.png"]
+    if _landscape_available():
+        figs += ["fig3_ics.png", "fig_curvature.png"]
+    rows, summary = _check_report(out, ["1", "2", "3", "4", "5", "6", "1b", "4b"], figs)
+    missing = [n for n in ("noisy_bn", "l1", "l2", "linf") if not norm_available(n)[0]]
+    assert sorted(summary["missing_norms"]) == sorted(missing)
+    if missing:  # unavailable layers are reported, and the claims that need them are inconclusive
+        text = (out / "report.md").read_text()
+        assert "Runs not performed" in text
+        if "noisy_bn" in missing:
+            assert rows[1]["verdict"] == analysis.INCONCLUSIVE
+    runs = {s["run_id"]: s for s in summary["runs"]}
+    assert "main-bn-lr0.1-s0" in runs and "main-none-lr0.01-s0" in runs
+    # a huge LR diverges and is recorded as such, not a crash
+    div = runs["sweep-none-lr1e+06-s0"]
+    assert div["diverged"] and div["diverged_step"] is not None
+    recs = common.read_jsonl(out / "runs" / "sweep-none-lr1e+06-s0" / "metrics.jsonl")
+    assert recs[-1]["type"] == "diverged"
+    recs = common.read_jsonl(out / "runs" / "main-bn-lr0.1-s0" / "metrics.jsonl")
+    train = [r for r in recs if r["type"] == "train"]
+    assert [r["step"] for r in train] == list(range(6))
+    assert len(train[1]["drift_mean"]) == 13 and all(v is not None for v in train[1]["drift_mean"])
+    meas = [r for r in recs if r["type"] == "measure"]
+    assert [m["step"] for m in meas] == [0, 3, 5]
+    assert sorted(meas[0]["hist"]) == ["11", "13", "2", "3", "9"]
+    if _landscape_available():
+        assert len(meas[0]["ics"]) == 13 and len(meas[0]["probe"]["losses"]) == 3
+        assert meas[0]["thm41"] is not None
+    evals = [r for r in recs if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    # rerunning the same command skips every finished run and rewrites the same claims
+    before = (out / "runs" / "main-bn-lr0.1-s0" / "metrics.jsonl").read_bytes()
+    assert _run(vgg, argv) == 0
+    assert (out / "runs" / "main-bn-lr0.1-s0" / "metrics.jsonl").read_bytes() == before
+    assert [r["verdict"] for r in parse_claims((out / "report.md").read_text())] == [r["verdict"] for r in rows]
+
+
+def test_dln_end_to_end(tmp_path):
+    out = tmp_path / "dln"
+    assert _run(dln, TINY_DLN + ["--out", str(out)]) == 0
+    figs = ["dln_loss.png"] + (["dln_ics.png", "dln_landscape.png"] if _landscape_available() else [])
+    _, summary = _check_report(out, ["1 (DLN)", "3 (DLN)", "4 (DLN)", "6"], figs)
+    ids = {s["run_id"] for s in summary["runs"]}
+    assert {"main-none-lr1e-06-s0", "main-bn-lr1e-06-s0", "main-none-lr1e-07-s0", "main-bn-lr1e-07-s0"} <= ids
+
+
+def test_config_rejects_unknown_flags_and_applies_presets():
+    with pytest.raises(SystemExit):
+        _cfg(vgg, ["--no-such-flag", "1"])
+    with pytest.raises(SystemExit):
+        _cfg(vgg, ["--norms", "bn,batchnorm"])
+    cfg = _cfg(vgg, ["--preset", "paper", "--steps", "7"])
+    assert (cfg.width, cfg.steps, cfg.train_size, cfg.out) == (1.0, 7, 0, "runs/vgg-paper")
+    cfg = _cfg(vgg, [])
+    assert cfg.batch_size == 128 and cfg.momentum == 0.0 and cfg.init == "glorot" and cfg.lrs == [0.1, 0.5]
+    assert len(cfg.eta_multipliers()) == 8 and math.isclose(cfg.eta_multipliers()[-1], 4.0)
+    d = _cfg(dln, [])
+    assert (d.depth, d.dim, d.points, d.steps, d.lrs) == (25, 10, 1000, 10000, [1e-6])
+
+
+def test_out_dir_with_a_different_config_is_refused(tmp_path):
+    argv = TINY_VGG + ["--out", str(tmp_path), "--norms", "bn", "--lrs", "0.1", "--ics-lrs", "0.1",
+                       "--measure-every", "0"]
+    assert _run(vgg, argv) == 0
+    with pytest.raises(SystemExit, match="different configuration"):
+        _run(vgg, argv + ["--width", "0.125"])
+
+
+def _records(path):
+    return [r for r in common.read_jsonl(path)]
+
+
+@pytest.mark.parametrize("norm", ["bn", "noisy_bn", "none"])
+def test_resume_follows_the_uninterrupted_trajectory(tmp_path, norm):
+    if not norm_available(norm)[0]:
+        pytest.skip(f"{norm} not available in this build")
+    argv = TINY_VGG + ["--norms", norm, "--ics-norms", norm, "--ics-lrs", "0.1", "--steps", "7",
+                       "--save-weights"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _run(vgg, argv + ["--out", str(a)]) == 0
+    assert _run(vgg, argv + ["--out", str(b)], interrupt_at=5) == 130  # Ctrl-C at step 5
+    run = f"main-{norm}-lr0.1-s0"
+    assert (b / "runs" / run / "checkpoint.pt").exists() and not (b / "runs" / run / "summary.json").exists()
+    assert _run(vgg, argv + ["--out", str(b)]) == 0
+    ra, rb = _records(a / "runs" / run / "metrics.jsonl"), _records(b / "runs" / run / "metrics.jsonl")
+    assert ra == rb  # every loss, accuracy, activation statistic and measurement, bit for bit
+    wa = torch.load(a / "runs" / run / "final.pt", weights_only=True)
+    wb = torch.load(b / "runs" / run / "final.pt", weights_only=True)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    sb = json.loads((b / "runs" / run / "summary.json").read_text())
+    assert sb["state"]["resumed_from"] == [4]
+
+
+@pytest.mark.parametrize("norm", ["bn", "noisy_bn", "none"])
+def test_measurement_does_not_change_the_trajectory(tmp_path, norm):
+    if not norm_available(norm)[0]:
+        pytest.skip(f"{norm} not available in this build")
+    cfg = _cfg(vgg, TINY_VGG + ["--curvature", "--curvature-iters", "2"])
+    task = vgg.VGGTask(cfg, torch.device("cpu"), say=lambda *a: None)
+    results = []
+    for every, where in ((1, "measured"), (0, "plain")):
+        spec = common.RunSpec(norm, 0.1, 0, 5)
+        common.train_run(task, spec, tmp_path / where, device=torch.device("cpu"), measure_every=every,
+                         eval_every=2, checkpoint_every=0, save_weights=True)
+        recs = _records(tmp_path / where / "metrics.jsonl")
+        results.append(([r for r in recs if r["type"] in ("train", "eval")],
+                        torch.load(tmp_path / where / "final.pt", weights_only=True),
+                        sum(r["type"] == "measure" for r in recs)))
+    (ta, wa, na), (tb, wb, nb) = results
+    assert na == 5 and nb == 0
+    assert ta == tb
+    for k in wa:  # weights and BN running statistics (num_batches_tracked included)
+        assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not found")
+def test_torchrun_two_cpu_processes_share_the_grid(tmp_path):
+    out = tmp_path / "tr"
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    argv = TINY_VGG + ["--out", str(out), "--norms", "none,bn", "--steps", "3", "--measure-every", "0",
+                       "--threads", "1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "bnext.experiments.vgg"] + argv,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["environment"]["world"] == 2
+    assert len(summary["runs"]) == 4  # 2 norms x (0.1 + ICS LR 0.01), split over 2 ranks
+    assert proc.stdout.count("report:") == 1  # only rank 0 writes the report
+    assert parse_claims((out / "report.md").read_text())
+
+
+# ------------------------------------------------------------------------------ claim rules
+
+
+def _summary(norm, lr, seed=0, group="main", **kw):
+    s = {"spec": {"norm": norm, "lr": lr, "seed": seed, "group": group, "steps": 10, "measure": True},
+         "diverged": False, "diverged_step": None, "final_loss": 1.0, "final_acc": 0.5, "initial_loss": 2.3,
+         "drift": 0.1, "ics_cosine": 0.5, "ics_l2": 1.0, "loss_range": 1.0, "grad_pred": 1.0, "beta": 1.0,
+         "kurtosis": 0.1, "thm41_max_rel_err": 1e-6, "thm41_measurements": 3}
+    s.update(kw)
+    return s
+
+
+def test_claim_rules_verdicts():
+    g = analysis.Grid([_summary("bn", 0.1, final_loss=0.5), _summary("none", 0.1, final_loss=1.0),
+                       _summary("bn", 0.5, final_loss=0.6), _summary("none", 0.5, diverged=True, diverged_step=3,
+                                                                     final_loss=None)], {})
+    assert analysis.claim1(g, [0.1, 0.5]).verdict == analysis.REPRODUCED
+    g2 = analysis.Grid([_summary("bn", 0.1, final_loss=0.95), _summary("none", 0.1, final_loss=1.0)], {})
+    assert analysis.claim1(g2, [0.1]).verdict == analysis.INCONCLUSIVE  # inside 10% with one seed
+    g3 = analysis.Grid([_summary("bn", 0.1, final_loss=2.0), _summary("none", 0.1, final_loss=1.0)], {})
+    assert analysis.claim1(g3, [0.1]).verdict == analysis.NOT_REPRODUCED
+    # seeds: a margin inside the seed spread is inconclusive
+    g4 = analysis.Grid([_summary("bn", 0.1, 0, final_loss=0.5), _summary("bn", 0.1, 1, final_loss=1.5),
+                        _summary("none", 0.1, 0, final_loss=1.0), _summary("none", 0.1, 1, final_loss=1.2)], {})
+    assert analysis.claim1(g4, [0.1]).verdict == analysis.INCONCLUSIVE
+    # missing runs -> inconclusive, with the reason
+    g5 = analysis.Grid([_summary("bn", 0.1), _summary("none", 0.1, final_acc=0.2, drift=0.01)], {"noisy_bn": "absent"})
+    c2 = analysis.claim2(g5, 0.1)
+    assert c2.verdict == analysis.INCONCLUSIVE and "noisy_bn: absent" in c2.measured
+    g6 = analysis.Grid([_summary("bn", 0.1, final_acc=0.9), _summary("noisy_bn", 0.1, final_acc=0.87, drift=1.0),
+                        _summary("none", 0.1, final_acc=0.2, drift=0.01)], {})
+    assert analysis.claim2(g6, 0.1).verdict == analysis.REPRODUCED
+    g7 = analysis.Grid([_summary("bn", 0.1, ics_cosine=0.6), _summary("none", 0.1, ics_cosine=0.5)], {})
+    assert analysis.claim3_vgg(g7, [0.1]).verdict == analysis.NOT_REPRODUCED
+    g8 = analysis.Grid([_summary("bn", 1e-6, ics_cosine=0.1), _summary("none", 1e-6, ics_cosine=0.99)], {})
+    assert analysis.claim3_dln(g8, [1e-6]).verdict == analysis.REPRODUCED
+    g9 = analysis.Grid([_summary("bn", 0.1, loss_range=0.1, grad_pred=0.1, beta=0.5), _summary("none", 0.1)], {})
+    c4 = analysis.claim4(g9, 0.1)
+    assert c4.verdict == analysis.REPRODUCED and "BN/none = 0.1" in c4.measured
+    g10 = analysis.Grid([_summary("bn", 0.1, final_loss=0.5, kurtosis=0.1), _summary("none", 0.1, final_loss=2.0)]
+                        + [_summary(p, 0.1, final_loss=0.55, kurtosis=2.0) for p in ("l1", "l2", "linf")], {})
+    assert analysis.claim5(g10, 0.1).verdict == analysis.REPRODUCED
+    assert analysis.claim6([_summary("bn", 0.1)]).verdict == analysis.REPRODUCED
+    assert analysis.claim6([_summary("bn", 0.1, thm41_max_rel_err=1e-2)]).verdict == analysis.NOT_REPRODUCED
+    assert analysis.claim6([_summary("bn", 0.1, thm41_max_rel_err=None)]).verdict == analysis.INCONCLUSIVE
+    sweep = [_summary(n, lr, group="sweep", final_loss=1.0, diverged=(lr > lim))
+             for n, lim in (("bn", 1.0), ("none", 0.1)) for lr in (0.1, 1.0, 10.0)]
+    gs = analysis.Grid(sweep, {})
+    assert analysis.largest_stable_lr(gs, "bn") == 1.0 and analysis.largest_stable_lr(gs, "none") == 0.1
+    assert analysis.claim_lr_sweep(gs, ["bn", "none"]).verdict == analysis.REPRODUCED
+
+
+def test_claims_table_round_trips_through_markdown():
+    from bnext.experiments.report import claims_markdown
+    claims = [analysis.Claim("1", "a | b", "rule with |x|", "measured 1 | 2", analysis.REPRODUCED),
+              analysis.Claim("3 (DLN)", "c", "r", "m", analysis.INCONCLUSIVE)]
+    rows = parse_claims("intro\n\n" + claims_markdown(claims) + "\n\nafter")
+    assert rows == [{"id": "1", "claim": "a | b", "rule": "rule with |x|", "measured": "measured 1 | 2",
+                     "verdict": analysis.REPRODUCED},
+                    {"id": "3 (DLN)", "claim": "c", "rule": "r", "measured": "m", "verdict": analysis.INCONCLUSIVE}]
+
+
+def test_vgg_layout_and_conversion():
+    m = build_vgg("bn", 0.125)
+    names = vgg_layer_names(m)
+    assert len(names["conv"]) == 13 and len(names["norm"]) == 13
+    import bnext
+    assert all(isinstance(dict(m.named_modules())[n], bnext.nn.BatchNorm2d) for n in names["norm"])
+    widths = [dict(m.named_modules())[n].out_channels for n in names["conv"]]
+    assert widths == [8, 8, 16, 16, 32, 32, 32, 64, 64, 64, 64, 64, 64]
+    none = build_vgg("none", 0.125)
+    assert all(isinstance(dict(none.named_modules())[n], torch.nn.Identity) for n in vgg_layer_names(none)["norm"])
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_atomic_writes_leave_no_partial_file(tmp_path, monkeypatch):
+    p = tmp_path / "x.json"
+    common.atomic_write_json(p, {"a": float("nan"), "b": [1.0, float("inf")]})
+    assert json.loads(p.read_text()) == {"a": None, "b": [1.0, None]}
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(RuntimeError):
+        common.atomic_write_text(p, "new")
+    assert json.loads(p.read_text())["a"] is None
+    assert [f.name for f in tmp_path.iterdir()] == ["x.json"]
