@@ -27,6 +27,15 @@ def bn_problem(draw):
     shape = [draw(st.integers(1, 6)), draw(st.integers(1, 5))] + [draw(st.integers(1, 5)) for _ in range(ndim - 2)]
     dtype = draw(st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]))
     view = draw(st.sampled_from(["contiguous", "channels_last", "slice", "transpose", "expand"]))
+    spatial = 1
+    for d in shape[2:]:
+        spatial *= d
+    if view == "expand" and spatial == 1:
+        # Expanding over N with no spatial extent makes every channel constant: xhat is then 0 in
+        # exact arithmetic, and whether a fused ReLU passes the gradient is decided by the fp64
+        # reference's rounding of the mean (torch gets 5e-15 > 0, bnext exactly 0). A tie at the
+        # kink, not a defect; found by the long profile.
+        view = "contiguous"
     training = draw(st.booleans())
     return dict(shape=shape, dtype=dtype, view=view, training=training,
                 affine=draw(st.booleans()), running=draw(st.booleans()) or not training,
