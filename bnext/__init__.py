@@ -34,6 +34,7 @@ from .ops import batch_norm  # noqa: E402
 from .allocator import tune_cpu_allocator  # noqa: E402
 from . import nn  # noqa: E402
 from .ops import GRAD_STATS_COLUMNS, cosine, grad_stats, l2_distance, multi_axpy  # noqa: E402
+from . import landscape  # noqa: E402
 
 
 def build_info() -> dict:
@@ -46,4 +47,4 @@ def build_info() -> dict:
 
 
 __all__ = ["batch_norm", "build_info", "nn", "tune_cpu_allocator"]
-__all__ += ["GRAD_STATS_COLUMNS", "cosine", "grad_stats", "l2_distance", "multi_axpy"]
+__all__ += ["GRAD_STATS_COLUMNS", "cosine", "grad_stats", "l2_distance", "landscape", "multi_axpy"]
