@@ -185,12 +185,24 @@ class _CallSequenceChanged(Exception):
     """The model's module calls differ from pass to pass: the shared-prefix scheme cannot apply."""
 
 
+class _CacheModified(Exception):
+    """A cached output was modified in place after it was cached (e.g. ``out += identity`` on a
+    cached BatchNorm output): the sweep restarts serving copies."""
+
+
+def _tensors(tree) -> List[Tensor]:
+    return [t for t in tree_leaves(tree) if isinstance(t, Tensor)]
+
+
 class _CallTracer:
     """Numbers every module call of a forward pass (in the order calls start) and lets later
     passes serve cached outputs of calls, end at a given call, and record outputs.
 
     A call with index j served from the cache skips its descendants: the counter jumps to the value
-    it had when call j completed in the reference pass. When the forward draws random numbers, the
+    it had when call j completed in the reference pass. Cached outputs are served as they are
+    (copying them would cost O(layers^2) activation copies); each entry keeps the version counters
+    of its tensors, and serving an entry whose tensors were modified in place since raises
+    _CacheModified (the caller then restarts with copy_outputs=True). When the forward draws random numbers, the
     generators are set, at every call start (and after every cached call), to the state they had
     at that point of the reference pass, so every pass sees the reference pass's draws."""
 
@@ -204,6 +216,7 @@ class _CallTracer:
         self.rng_end: List[Any] = []
         self.replay_rng = False
         self.passive = False
+        self.copy_outputs = False
         self.counter = 0
         self.cache: Dict[int, Any] = {}
         self.stop_at: Optional[int] = None
@@ -261,7 +274,12 @@ class _CallTracer:
                 self.counter = self.end[j]
                 if self.replay_rng:
                     self.gens.set(self.rng_end[j])
-                return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, self.cache[j])
+                out, versions = self.cache[j]
+                if self.copy_outputs:
+                    return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, out)
+                if [t._version for t in _tensors(out)] != versions:
+                    raise _CacheModified(f"the cached output of call {j} ({type(module).__name__}) was modified in place")
+                return out
             if j == self.stop_at:
                 raise _StopForward()
             if self.replay_rng:
@@ -273,6 +291,12 @@ class _CallTracer:
                 self.recorded[j] = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out)
             return out
         return forward
+
+    def recorded_entries(self) -> Dict[int, Any]:
+        """The outputs recorded in the pass that just ended, with their tensors' current version
+        counters (taken after the pass: in-place ops later in the same pass, like a ReLU(inplace)
+        on a BatchNorm output, are part of what the cache holds, as in a plain forward)."""
+        return {j: (out, [t._version for t in _tensors(out)]) for j, out in self.recorded.items()}
 
 
 class _FirstUse(TorchFunctionMode):
@@ -500,7 +524,16 @@ def _ics_shared_prefix(st, tracer, layer_list, prefixes, current, updated, grad_
     """cache[j] = output of call j, valid for every later layer: calls that completed before the
     current layer's first call, computed with the prefix parameters updated. Advancing from layer
     i to i+1 runs the calls between them (under no_grad) with prefix(i+1) updated and stops at
-    layer i+1's call."""
+    layer i+1's call. If the model modifies a cached output in place, the sweep starts over
+    serving copies of the cached outputs."""
+    try:
+        return _shared_prefix_sweep(st, tracer, layer_list, prefixes, current, updated, grad_of)
+    except _CacheModified:
+        tracer.copy_outputs = True
+        return _shared_prefix_sweep(st, tracer, layer_list, prefixes, current, updated, grad_of)
+
+
+def _shared_prefix_sweep(st, tracer, layer_list, prefixes, current, updated, grad_of) -> List[Tensor]:
     out, cache = [], {}
     for k, ((_, _, c, w), prefix) in enumerate(zip(layer_list, prefixes)):
         if not prefix:
@@ -519,7 +552,7 @@ def _ics_shared_prefix(st, tracer, layer_list, prefixes, current, updated, grad_
                 pass
             else:
                 raise _CallSequenceChanged(f"call {layer_list[k + 1][2]} was not reached")
-            cache.update(tracer.recorded)
+            cache.update(tracer.recorded_entries())
     return out
 
 

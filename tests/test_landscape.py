@@ -164,9 +164,13 @@ class Residual(nn.Module):
         return self.head(out) * self.scale
 
 
-def test_ics_shared_prefix_equals_naive_scheme_on_a_residual_model():
+def test_ics_shared_prefix_equals_naive_scheme_on_a_residual_model(monkeypatch):
     model, batch = Residual().double(), conv_batch()
+    sweeps = []
+    sweep = L._shared_prefix_sweep
+    monkeypatch.setattr(L, "_shared_prefix_sweep", lambda *a: sweeps.append(a[1].copy_outputs) or sweep(*a))
     shared = L.ics(model, xent, batch, lr=0.4, scheme="shared_prefix")
+    assert sweeps == [False, True]  # `out += skip(x)` modifies a cached output: restarted serving copies
     naive = L.ics(model, xent, batch, lr=0.4, scheme="naive")
     assert [r.name for r in shared] == ["stem", "conv1", "conv2", "skip", "head"]
     for a, b in zip(shared, naive):
