@@ -318,6 +318,22 @@ class _FirstUse(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _first_uses(model: nn.Module, st: _Model, tracer: _CallTracer, seen: Dict[int, int]) -> Dict[int, int]:
+    """First use of every parameter (see _FirstUse). A parameter no torch function received (used
+    by an extension outside torch's dispatch, say) counts as used when its module is first called."""
+    out = dict(seen)
+    owner = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owner.setdefault(id(p), m)
+    for i, p in enumerate(st.params):
+        if i not in out and id(p) in owner:
+            c = tracer.first_call(owner[id(p)])
+            if c is not None:
+                out[i] = c + 1
+    return out
+
+
 def _sgd_update(values: Sequence[Tensor], grads: Sequence[Tensor], lr: float) -> List[Tensor]:
     # The same op torch.optim.SGD (no momentum) applies: p.add_(grad, alpha=-lr).
     return [v.add(g, alpha=-lr) for v, g in zip(values, grads)]
@@ -454,7 +470,7 @@ def ics(model: nn.Module, loss_fn: LossFn, batch, lr: Optional[float] = None,
                 st.wrapper.context = None
             G = [g.detach() for g in _grads(loss, leaves)]
             del loss
-            first_use = watch.first
+            first_use = _first_uses(model, st, tracer, watch.first)
             layer_list = _resolve_layers(op, model, layers, tracer, st)
             if not layer_list:
                 return []

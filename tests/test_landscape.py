@@ -316,7 +316,7 @@ def naive_line_probe(model, loss_fn, batch, etas, direction=None, seed=0):
         diffs.append(float(torch.cat([(p.grad - gk).flatten() for p, gk in zip(m2.parameters(), g)]).norm()))
     dn = float(torch.cat([t.flatten() for t in d]).norm())
     beta = max(df / (abs(e) * dn) for df, e in zip(diffs, etas) if e != 0)
-    return float(loss), losses, diffs, beta
+    return float(loss.detach()), losses, diffs, beta
 
 
 def check_probe(p, want, rtol):
@@ -352,7 +352,7 @@ class ItemInForward(nn.Module):
 
     def forward(self, x):
         h = torch.relu(self.bn(self.a(x)))
-        return self.b(h) * (1.0 + 0.0 * float(h.sum()))
+        return self.b(h) * (1.0 + 0.0 * float(h.detach().sum()))
 
 
 def test_line_probe_falls_back_to_sequential_and_reports_it():
@@ -441,7 +441,8 @@ def test_hessian_matches_dense_hessian_of_tiny_bn_net_in_train_mode():
     mse = lambda m, b: (m(b[0]) - b[1]).pow(2).sum(1).mean()  # noqa: E731
     shapes = [p.shape for p in model.parameters()]
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    assert float(tiny_bn_loss(flat, x, y, shapes)) == pytest.approx(float(mse(copy.deepcopy(model), (x, y))), rel=1e-12)
+    with torch.no_grad():
+        assert float(tiny_bn_loss(flat, x, y, shapes)) == pytest.approx(float(mse(copy.deepcopy(model), (x, y))), rel=1e-12)
     H = torch.autograd.functional.hessian(lambda f: tiny_bn_loss(f, x, y, shapes), flat)
     eig = torch.linalg.eigvalsh(H)
     want = float(eig[eig.abs().argmax()])
