@@ -490,10 +490,13 @@ def ics(model: nn.Module, loss_fn: LossFn, batch, lr: Optional[float] = None,
             for (_, m, c, _), own_ids in zip(layer_list, own):
                 prefixes.append({i for i in st.trainable if first_use.get(i, math.inf) <= c
                                  and id(st.params[i]) not in own_ids})
+            tied = any(first_use.get(i, math.inf) <= c for (_, m, c, _), own_ids in zip(layer_list, own)
+                       for i in st.trainable if id(st.params[i]) in own_ids)
             use = scheme
+            if tied and scheme == "shared_prefix":
+                raise ValueError(f"{op}: scheme='shared_prefix' cannot handle a layer whose own parameter "
+                                 "is used before the layer is called (tied weights); use 'naive' or 'auto'")
             if scheme == "auto":
-                tied = any(first_use.get(i, math.inf) <= c for (_, m, c, _), own_ids in zip(layer_list, own)
-                           for i in st.trainable if id(st.params[i]) in own_ids)
                 use = "naive" if tied else "shared_prefix"
                 if tied:
                     warnings.warn(f"{op}: a layer's own parameter is used before the layer is called "

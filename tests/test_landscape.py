@@ -524,3 +524,38 @@ def test_bad_arguments():
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         L.hessian_trace(frozen, lambda m, b: m(b).sum(), torch.randn(3, 2))
+
+
+class Tied(nn.Module):
+    """The output layer's weight is the input layer's (transposed): used before its layer is called."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mid = nn.Linear(5, 3, bias=False), nn.Linear(3, 3)
+        self.out = nn.Linear(3, 5, bias=False)
+        self.out.weight = nn.Parameter(torch.randn(5, 3))
+        self.inp.weight = self.out.weight  # stored as (5, 3): inp uses it transposed
+
+    def forward(self, x):
+        h = torch.tanh(x @ self.inp.weight)
+        return self.out(torch.tanh(self.mid(h)))
+
+
+def test_ics_tied_weights_use_the_naive_scheme():
+    model, batch = Tied().double(), (torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 5, (7,)))
+    with pytest.warns(UserWarning, match="tied weights"):
+        got = L.ics(model, xent, batch, lr=0.3, layers=["mid", "out"])
+    assert [r.name for r in got] == ["mid", "out"]
+    with pytest.raises(ValueError, match="tied weights"):
+        L.ics(model, xent, batch, lr=0.3, layers=["mid", "out"], scheme="shared_prefix")
+    # "out"'s own (tied) weight is not part of its prefix: only mid's parameters are updated.
+    m2 = copy.deepcopy(model)
+    xent(m2, batch).backward()
+    G = {n: p.grad.clone() for n, p in m2.named_parameters()}
+    m3 = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in m3.named_parameters():
+            if n.startswith("mid."):
+                p.sub_(0.3 * G[n])
+    xent(m3, batch).backward()
+    assert got[1].l2 == pytest.approx(float((G["inp.weight"] - m3.out.weight.grad).norm()), rel=1e-9)
