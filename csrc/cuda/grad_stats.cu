@@ -211,6 +211,7 @@ Tensor grad_stats_cuda(at::TensorList a, at::TensorList b) {
   const at::Device device = check_tensor_pairs("bnext.grad_stats", "a", a, "b", b);
   const int64_t n = static_cast<int64_t>(a.size());
   TORCH_CHECK_VALUE(device.is_cuda(), "bnext.grad_stats: expected CUDA tensors, got ", device);
+  if (n == 0) return at::zeros({0, 4}, at::TensorOptions().dtype(at::kDouble).device(device));
   const c10::cuda::CUDAGuard guard(device);
   const auto da = dense(a), db = dense(b);
   const auto chunks = chunk_list(da);
