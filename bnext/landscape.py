@@ -25,6 +25,7 @@ Conventions shared by every function:
   stochastic function.
 """
 import copy
+import functools
 import math
 import warnings
 from collections import defaultdict
@@ -46,6 +47,20 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 
 #: Modules that count as "layers" for ics() by default.
 LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+# > 0 while a measurement runs: BNGradientTracker then ignores the measurement's own passes.
+_measuring = [0]
+
+
+def _measurement(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _measuring[0] += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _measuring[0] -= 1
+    return wrapper
 
 
 # =================================================================================================
@@ -416,6 +431,7 @@ def _resolve_layers(op: str, model: nn.Module, layers, tracer: _CallTracer, st: 
     return sorted(out, key=lambda t: t[2])
 
 
+@_measurement
 def ics(model: nn.Module, loss_fn: LossFn, batch, lr: Optional[float] = None,
         optimizer: Optional[torch.optim.Optimizer] = None, layers=None,
         scheme: str = "auto") -> List[LayerICS]:
@@ -668,6 +684,7 @@ def _probe_sequential(st: _Model, gens, rng0, stacked: List[Tensor]):
     return torch.stack(losses), grads
 
 
+@_measurement
 def line_probe(model: nn.Module, loss_fn: LossFn, batch, etas: Sequence[float], direction=None, *,
                mode: str = "auto", chunk_size: Optional[int] = None, seed: int = 0) -> LineProbe:
     """The landscape along a direction (Sec. 3.2 and App. A.2.2 of the paper).
@@ -771,6 +788,7 @@ def _generator_for(t: Tensor, seed: int) -> torch.Generator:
     return torch.Generator(device=t.device).manual_seed(seed)
 
 
+@_measurement
 def hessian_top_eigenvalue(model: nn.Module, loss_fn: LossFn, batch, iters: int = 100, tol: float = 1e-3,
                            seed: int = 0) -> float:
     """The Hessian eigenvalue of largest magnitude (signed), by power iteration.
@@ -811,6 +829,7 @@ def hessian_top_eigenvalue(model: nn.Module, loss_fn: LossFn, batch, iters: int 
         gens.set(rng0)
 
 
+@_measurement
 def hessian_trace(model: nn.Module, loss_fn: LossFn, batch, samples: int = 100, seed: int = 0) -> float:
     """Hutchinson's estimate of the Hessian trace, tr(H) = E_v[v^T H v] with Rademacher v
     (entries +-1), averaged over ``samples`` vectors from a private generator seeded by ``seed``.
@@ -937,7 +956,8 @@ class BNGradientTracker:
     channel in float64. Cost when tracking: a few reductions over the layer's input and gradients
     per backward (and a float64 copy of them while reducing); nothing is kept but (C,) vectors.
     A layer whose input does not require grad (e.g. BN directly on data) gets a detached leaf
-    input that does, so dL/dy exists. A module called several times keeps its last record."""
+    input that does, so dL/dy exists. A module called several times keeps its last record. The passes of
+    this module's own measurements (ics, line_probe, hessian_*) are not recorded."""
 
     def __init__(self, model: nn.Module):
         self.handles = []
@@ -950,7 +970,8 @@ class BNGradientTracker:
 
     @staticmethod
     def _active(mod) -> bool:
-        return torch.is_grad_enabled() and (mod.training or mod.running_mean is None)
+        return (not _measuring[0] and torch.is_grad_enabled()
+                and (mod.training or mod.running_mean is None))
 
     def _pre_hook(self, mod, args):
         if self._active(mod) and isinstance(args[0], Tensor) and not args[0].requires_grad:

@@ -559,3 +559,15 @@ def test_ics_tied_weights_use_the_naive_scheme():
                 p.sub_(0.3 * G[n])
     xent(m3, batch).backward()
     assert got[1].l2 == pytest.approx(float((G["inp.weight"] - m3.out.weight.grad).norm()), rel=1e-9)
+
+
+def test_measurements_do_not_overwrite_bn_gradient_records():
+    model, batch = conv_net(), conv_batch()
+    with L.track_bn_gradients(model):
+        xent(model, batch).backward()
+        before = L.bn_gradient_identity(model)
+        L.ics(model, xent, batch, lr=0.1)
+        L.line_probe(model, xent, batch, [0.1])
+        L.hessian_trace(model, xent, batch, samples=1)
+        after = L.bn_gradient_identity(model)
+    assert all(after[n] is before[n] for n in before)
