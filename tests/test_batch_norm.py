@@ -181,6 +181,19 @@ def test_empty_batch_like_torch(shape):
     assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros(C))
 
 
+def test_eval_grad_for_size_one_dims_with_channels_last_strides():
+    """Regression (fuzzer): shape (1, 2, 1, 2) with strides (1, 1, 1, 2). torch's own CPU backward is
+    wrong for this input, so the reference is the closed form g * invstd."""
+    x = torch.randn(1, 2, 1, 2, dtype=torch.float64).transpose(0, -1).contiguous().transpose(0, -1)
+    x.requires_grad_()
+    rm, rv = torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5
+    g = torch.randn(1, 2, 1, 2, dtype=torch.float64)
+    y = bnext.batch_norm(x, rm, rv, None, None, False)
+    torch.testing.assert_close(y, (x.detach() - rm.view(1, 2, 1, 1)) / (rv.view(1, 2, 1, 1) + 1e-5).sqrt())
+    (gx,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(gx, g / (rv.view(1, 2, 1, 1) + 1e-5).sqrt())
+
+
 def test_nan_propagates_like_torch():
     x = torch.randn(4, 3, 5)
     x[1, 2, 3] = float("nan")
