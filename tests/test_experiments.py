@@ -177,7 +177,7 @@ def test_measurement_does_not_change_the_trajectory(tmp_path, norm):
     task = vgg.VGGTask(cfg, torch.device("cpu"), say=lambda *a: None)
     results = []
     for every, where in ((1, "measured"), (0, "plain")):
-        spec = common.RunSpec(norm, 0.1, 0, 5)
+        spec = common.RunSpec(norm, 0.1, 0, 3)
         common.train_run(task, spec, tmp_path / where, device=torch.device("cpu"), measure_every=every,
                          eval_every=2, checkpoint_every=0, save_weights=True)
         recs = _records(tmp_path / where / "metrics.jsonl")
@@ -185,8 +185,11 @@ def test_measurement_does_not_change_the_trajectory(tmp_path, norm):
                         torch.load(tmp_path / where / "final.pt", weights_only=True),
                         sum(r["type"] == "measure" for r in recs)))
     (ta, wa, na), (tb, wb, nb) = results
-    assert na == 5 and nb == 0
+    assert na == 3 and nb == 0
     assert ta == tb
+    torch.manual_seed(0)
+    w0 = task.build_model(common.RunSpec(norm, 0.1, 0, 3)).state_dict()
+    assert not torch.equal(w0["classifier.weight"], wa["classifier.weight"])  # it did train
     for k in wa:  # weights and BN running statistics (num_batches_tracked included)
         assert torch.equal(wa[k], wb[k]), k
 
@@ -254,6 +257,11 @@ def test_claim_rules_verdicts():
     assert analysis.claim6([_summary("bn", 0.1)]).verdict == analysis.REPRODUCED
     assert analysis.claim6([_summary("bn", 0.1, thm41_max_rel_err=1e-2)]).verdict == analysis.NOT_REPRODUCED
     assert analysis.claim6([_summary("bn", 0.1, thm41_max_rel_err=None)]).verdict == analysis.INCONCLUSIVE
+    unmeasured = _summary("bn", 0.1, group="sweep", thm41_max_rel_err=None)
+    unmeasured["spec"]["measure"] = False
+    assert analysis.claim6([_summary("bn", 0.1), unmeasured]).verdict == analysis.REPRODUCED
+    gc = analysis.Grid([_summary("bn", 0.1, hessian_top=-50.0), _summary("none", 0.1, hessian_top=1.0)], {})
+    assert analysis.claim_curvature(gc, 0.1).verdict == analysis.NOT_REPRODUCED  # magnitudes are compared
     sweep = [_summary(n, lr, group="sweep", final_loss=1.0, diverged=(lr > lim))
              for n, lim in (("bn", 1.0), ("none", 0.1)) for lr in (0.1, 1.0, 10.0)]
     gs = analysis.Grid(sweep, {})

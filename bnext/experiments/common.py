@@ -259,7 +259,7 @@ class ActivationMonitor:
         self.active = False
         self.capture = False
         self.prev: Dict[str, Optional[torch.Tensor]] = {n: None for n in self.names}
-        self.current: Dict[str, Dict[str, float]] = {}
+        self.current: Dict[str, torch.Tensor] = {}
         self.hists: Dict[str, dict] = {}
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in points.items()]
 
@@ -272,13 +272,15 @@ class ActivationMonitor:
                 flat = x.transpose(0, 1).reshape(x.shape[1], -1).float()  # (C, N*spatial)
                 var, mean = torch.var_mean(flat, dim=1, unbiased=False)
                 stats = torch.stack([mean, var])
-                rec = {"mean": float(flat.mean()), "var": float(flat.var(unbiased=False))}
+                layer_var, layer_mean = torch.var_mean(flat, unbiased=False)
                 prev = self.prev[name]
                 if prev is not None and prev.shape == stats.shape:
                     delta = (stats - prev).abs().mean(dim=1)
-                    rec["dmean"], rec["dvar"] = float(delta[0]), float(delta[1])
+                else:
+                    delta = torch.full((2,), float("nan"), device=flat.device)
                 self.prev[name] = stats
-                self.current[name] = rec
+                # kept on the device; take() converts all layers at once (one sync per step on CUDA)
+                self.current[name] = torch.stack([layer_mean, layer_var, delta[0], delta[1]])
                 if self.capture and name in self.hist_layers:
                     self.hists[name] = self._histogram(flat)
         return hook
@@ -303,10 +305,15 @@ class ActivationMonitor:
 
     def take(self) -> Dict[str, Any]:
         """Per-layer stats of the last forward (lists in layer order) and, if captured, histograms."""
-        out = {"act_mean": [self.current.get(n, {}).get("mean") for n in self.names],
-               "act_var": [self.current.get(n, {}).get("var") for n in self.names],
-               "drift_mean": [self.current.get(n, {}).get("dmean") for n in self.names],
-               "drift_var": [self.current.get(n, {}).get("dvar") for n in self.names]}
+        cols = {"act_mean": [], "act_var": [], "drift_mean": [], "drift_var": []}
+        present = [n for n in self.names if n in self.current]
+        values = torch.stack([self.current[n] for n in present]).tolist() if present else []
+        by_name = dict(zip(present, values))
+        for n in self.names:
+            row = by_name.get(n, [None] * 4)
+            for key, v in zip(cols, row):
+                cols[key].append(v if v is None or math.isfinite(v) else None)
+        out = cols
         hists = {str(self.hist_layers[n]): h for n, h in self.hists.items()}
         self.current, self.hists = {}, {}
         return out, hists
@@ -357,7 +364,8 @@ class Task:
     def loss_and_metrics(self, model, batch) -> (torch.Tensor, Dict[str, float]): ...
     def evaluate(self, model) -> Dict[str, float]: ...
     def measure(self, model, batch, spec: RunSpec, step: int) -> Dict[str, Any]: ...
-    def after_backward(self, model) -> Dict[str, Any]: ...  # at measured steps, after the training backward
+    def before_forward(self, model, spec) -> Any: ...  # at measured steps: e.g. start a Theorem 4.1 tracker
+    def after_backward(self, model, probe) -> Dict[str, Any]: ...  # at measured steps, after the training backward
     def summarize(self, spec: RunSpec, records: List[dict], info: Dict[str, Any]) -> Dict[str, Any]: ...
 
 
@@ -423,14 +431,18 @@ def train_run(task, spec: RunSpec, run_dir: Path, *, device: torch.device, measu
             model.train()
             monitor.active, monitor.capture = True, measuring
             opt.zero_grad(set_to_none=True)
+            probe = task.before_forward(model, spec) if measuring else None
             loss, metrics = task.loss_and_metrics(model, batch)
             monitor.active = monitor.capture = False
             finite = math.isfinite(loss.item())
             if finite:
                 loss.backward()
                 if measuring:
-                    rec.update(task.after_backward(model))
+                    rec.update(task.after_backward(model, probe))
                 opt.step()
+            elif probe is not None:
+                with contextlib.suppress(Exception):  # no backward ran: only release the hooks
+                    task.after_backward(model, probe)
             state["train_s"] += time.perf_counter() - t0
             state["train_steps"] += 1
             acts, hists = monitor.take()

@@ -126,10 +126,12 @@ class DLNTask:
             rec["hessian_top"] = measure.hessian_top(model, _mse, batch, self.cfg.curvature_iters)
         return rec
 
-    def after_backward(self, model) -> Dict[str, Any]:
-        if not self.landscape_ok:
-            return {}
-        return {"thm41": measure.theorem41(model)}
+    def before_forward(self, model, spec: RunSpec):
+        # Theorem 4.1 concerns BatchNorm itself: recorded in the BN runs, on the training step's own backward.
+        return measure.start_theorem41(model) if self.landscape_ok and spec.norm == "bn" else None
+
+    def after_backward(self, model, tracker) -> Dict[str, Any]:
+        return {} if tracker is None else {"thm41": measure.theorem41(model, tracker)}
 
     def summarize(self, spec, records, state):
         return analysis.summarize_run(records, state, spec.steps)

@@ -7,6 +7,8 @@ measurements as missing instead of faking them.
 import math
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import torch
+
 
 def landscape_available():
     try:
@@ -35,7 +37,7 @@ def line_probe(model, loss_fn: Callable, batch, etas: Sequence[float]) -> Dict[s
     losses = [float(v) for v in p.losses]
     diffs = [float(v) for v in p.grad_diffs]
     ok = all(math.isfinite(v) for v in losses + diffs)
-    return {"etas": [float(e) for e in p.etas], "losses": losses, "grad_diffs": diffs,
+    return {"etas": [float(e) for e in p.etas], "losses": losses, "grad_diffs": diffs, "batched": bool(p.batched),
             "loss_range": (max(losses) - min(losses)) if ok else None,
             "grad_pred": (max(diffs) - min(diffs)) if ok else None,
             "beta": _finite(p.beta) if ok else None}
@@ -46,30 +48,29 @@ def hessian_top(model, loss_fn: Callable, batch, iters: int) -> Optional[float]:
     return _finite(landscape.hessian_top_eigenvalue(model, loss_fn, batch, iters=iters))
 
 
-def theorem41(model) -> Optional[Dict[str, Any]]:
-    """Theorem 4.1 after a backward: the largest per-channel relative error between the two sides
-    over all BN layers (None when the model has no BN layer)."""
+def start_theorem41(model):
+    """Begin recording Theorem 4.1's two sides for the next forward/backward (returns the tracker)."""
     from bnext import landscape
-    res = landscape.bn_gradient_identity(model)
+    return landscape.track_bn_gradients(model)
+
+
+def theorem41(model, tracker) -> Optional[Dict[str, Any]]:
+    """Theorem 4.1 after the recorded backward: the largest per-channel relative error between
+    ||dL/dy||^2 and the exact right-hand side (and, for reference, the paper's printed form, which
+    differs by about eps/var) over all BN layers; None when nothing was recorded. Stops the tracker."""
+    from bnext import landscape
+    try:
+        res = landscape.bn_gradient_identity(model)
+    finally:
+        tracker.remove()
     if not res:
         return None
-    worst, layers = 0.0, 0
-    for item in (res.values() if isinstance(res, dict) else res):
-        lhs, rhs = _sides(item)
-        import torch
-        lhs, rhs = torch.as_tensor(lhs, dtype=torch.float64), torch.as_tensor(rhs, dtype=torch.float64)
-        scale = torch.maximum(lhs.abs(), rhs.abs())
+    worst = max(float(r.rel_error.max()) for r in res.values())
+    paper = 0.0
+    for r in res.values():
+        scale = torch.maximum(r.lhs.abs(), r.rhs_paper.abs())
         keep = scale > 0
         if keep.any():
-            worst = max(worst, float(((lhs - rhs).abs()[keep] / scale[keep]).max()))
-        layers += 1
-    return {"max_rel_err": worst, "layers": layers}
-
-
-def _sides(item):
-    for a, b in (("lhs", "rhs"), ("grad_norm_sq", "predicted"), ("left", "right")):
-        if hasattr(item, a) and hasattr(item, b):
-            return getattr(item, a), getattr(item, b)
-        if isinstance(item, dict) and a in item and b in item:
-            return item[a], item[b]
-    raise TypeError(f"unrecognised bn_gradient_identity result item: {item!r}")
+            paper = max(paper, float(((r.lhs - r.rhs_paper).abs()[keep] / scale[keep]).max()))
+    return {"max_rel_err": _finite(worst), "max_rel_err_paper_form": _finite(paper), "layers": len(res),
+            "channels": sum(int(r.lhs.numel()) for r in res.values())}
