@@ -23,7 +23,7 @@ TINY_VGG = ["--dataset", "synthetic", "--no-download", "--width", "0.0625", "--b
             "--checkpoint-every", "2", "--lrs", "0.1", "--ics-lrs", "0.01", "--probe-points", "3",
             "--no-progress", "--threads", "2"]
 TINY_DLN = ["--depth", "6", "--dim", "4", "--points", "64", "--steps", "12", "--measure-every", "6",
-            "--ics-layers", "2,4", "--probe-points", "3", "--checkpoint-every", "4", "--no-progress"]
+            "--ics-layers", "2,4", "--probe-points", "3", "--checkpoint-every", "4", "--no-progress", "--procs", "1"]
 
 
 def _landscape_available():

@@ -47,6 +47,7 @@ class DLNConfig:
     curvature_iters: int = option(20, "power iterations for the Hessian eigenvalue")
     device: str = option("cpu", "cpu, cuda, cuda:N or auto (tiny tensors: CPU is faster)")
     threads: Optional[int] = option(1, "CPU threads per process (tiny tensors: 1 is fastest)")
+    procs: int = option(2, "local processes sharing the grid (relaunches under torchrun; 1: this process)")
     tune_allocator: bool = option(True, "call bnext.tune_cpu_allocator() on CPU")
     checkpoint_every: int = option(2000, "steps between checkpoints (0: none)")
     out: Optional[str] = option(None, "output directory (default runs/dln-<preset>)")

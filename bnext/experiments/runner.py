@@ -21,7 +21,7 @@ from .measure import landscape_available
 
 # Options that may change between invocations on the same --out: they select runs or the machine, not
 # what a run computes.
-FREE_KEYS = {"preset", "norms", "lrs", "seeds", "ics_lrs", "ics_norms", "out", "device", "threads", "progress",
+FREE_KEYS = {"procs", "preset", "norms", "lrs", "seeds", "ics_lrs", "ics_norms", "out", "device", "threads", "progress",
              "tune_allocator", "lr_sweep", "sweep_lrs", "download", "data_dir"}
 
 
@@ -61,8 +61,16 @@ def _bars(enabled: bool, rank: int):
 
 
 def execute(exp: Experiment) -> int:
-    """Runs the experiment; returns the process exit code."""
+    """Runs the experiment; returns the process exit code. With --procs N > 1 outside torchrun, relaunches
+    itself under torchrun with N local processes (the grid's runs are shared out among them)."""
     cfg = exp.cfg
+    procs = getattr(cfg, "procs", 1)
+    if procs > 1 and "WORLD_SIZE" not in os.environ:
+        import subprocess
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+               "-m", f"bnext.experiments.{exp.name}"] + list(exp.argv)
+        print(f"launching {procs} processes: {' '.join(cmd[1:])}", flush=True)
+        return subprocess.call(cmd)
     dist = common.init_distributed(cfg.device)
     try:
         return _execute(exp, dist)
