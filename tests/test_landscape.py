@@ -571,3 +571,21 @@ def test_measurements_do_not_overwrite_bn_gradient_records():
         L.hessian_trace(model, xent, batch, samples=1)
         after = L.bn_gradient_identity(model)
     assert all(after[n] is before[n] for n in before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    model, batch = conv_net(), conv_batch()
+    gpu = copy.deepcopy(model).cuda()
+    gbatch = tuple(t.cuda() for t in batch)
+    for a, b in zip(L.ics(model, xent, batch, lr=0.3), L.ics(gpu, xent, gbatch, lr=0.3)):
+        assert a.l2 == pytest.approx(b.l2, rel=1e-9) and a.cosine == pytest.approx(b.cosine, rel=1e-9)
+    p, q = L.line_probe(model, xent, batch, [0.1, 0.5]), L.line_probe(gpu, xent, gbatch, [0.1, 0.5])
+    assert q.batched and p.losses == pytest.approx(q.losses, rel=1e-9)
+    assert p.grad_diffs == pytest.approx(q.grad_diffs, rel=1e-8)
+    assert L.hessian_top_eigenvalue(model, xent, batch, iters=30) == pytest.approx(
+        L.hessian_top_eigenvalue(gpu, xent, gbatch, iters=30), rel=1e-6)
+    with L.track_bn_gradients(gpu):
+        xent(gpu, gbatch).backward()
+        for r in L.bn_gradient_identity(gpu).values():
+            assert float(r.rel_error.max()) < 1e-10
