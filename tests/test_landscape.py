@@ -583,8 +583,9 @@ def test_cuda_matches_cpu():
     p, q = L.line_probe(model, xent, batch, [0.1, 0.5]), L.line_probe(gpu, xent, gbatch, [0.1, 0.5])
     assert q.batched and p.losses == pytest.approx(q.losses, rel=1e-9)
     assert p.grad_diffs == pytest.approx(q.grad_diffs, rel=1e-8)
-    assert L.hessian_top_eigenvalue(model, xent, batch, iters=30) == pytest.approx(
-        L.hessian_top_eigenvalue(gpu, xent, gbatch, iters=30), rel=1e-6)
+    # Different start vectors (CPU and CUDA generators differ): converge both.
+    assert L.hessian_top_eigenvalue(model, xent, batch, iters=2000, tol=1e-12) == pytest.approx(
+        L.hessian_top_eigenvalue(gpu, xent, gbatch, iters=2000, tol=1e-12), rel=1e-5)
     with L.track_bn_gradients(gpu):
         xent(gpu, gbatch).backward()
         for r in L.bn_gradient_identity(gpu).values():
