@@ -132,7 +132,8 @@ def test_config_rejects_unknown_flags_and_applies_presets():
     assert cfg.batch_size == 128 and cfg.momentum == 0.0 and cfg.init == "glorot" and cfg.lrs == [0.1, 0.5]
     assert len(cfg.eta_multipliers()) == 8 and math.isclose(cfg.eta_multipliers()[-1], 4.0)
     d = _cfg(dln, [])
-    assert (d.depth, d.dim, d.points, d.steps, d.lrs) == (25, 10, 1000, 10000, [1e-6])
+    assert (d.depth, d.dim, d.points, d.steps, d.lrs) == (25, 10, 1000, 4000, [1e-6])
+    assert _cfg(dln, ["--preset", "paper"]).steps == 10000
 
 
 def test_out_dir_with_a_different_config_is_refused(tmp_path):
@@ -244,10 +245,16 @@ def test_claim_rules_verdicts():
     g6 = analysis.Grid([_summary("bn", 0.1, final_acc=0.9), _summary("noisy_bn", 0.1, final_acc=0.87, drift=1.0),
                         _summary("none", 0.1, final_acc=0.2, drift=0.01)], {})
     assert analysis.claim2(g6, 0.1).verdict == analysis.REPRODUCED
-    g7 = analysis.Grid([_summary("bn", 0.1, ics_cosine=0.6), _summary("none", 0.1, ics_cosine=0.5)], {})
+    g7 = analysis.Grid([_summary("bn", 0.1, ics_cosine=0.9), _summary("none", 0.1, ics_cosine=0.5)], {})
     assert analysis.claim3_vgg(g7, [0.1]).verdict == analysis.NOT_REPRODUCED
+    g7b = analysis.Grid([_summary("bn", 0.1, ics_cosine=0.2), _summary("none", 0.1, ics_cosine=0.9)], {})
+    assert analysis.claim3_vgg(g7b, [0.1]).verdict == analysis.REPRODUCED
+    g7c = analysis.Grid([_summary("bn", 0.1, ics_cosine=0.99), _summary("none", 0.1, ics_cosine=0.99)], {})
+    assert analysis.claim3_vgg(g7c, [0.1]).verdict == analysis.INCONCLUSIVE  # margin 0.05 < 10% of 0.99
     g8 = analysis.Grid([_summary("bn", 1e-6, ics_cosine=0.1), _summary("none", 1e-6, ics_cosine=0.99)], {})
     assert analysis.claim3_dln(g8, [1e-6]).verdict == analysis.REPRODUCED
+    g8b = analysis.Grid([_summary("bn", 1e-6, ics_cosine=0.99), _summary("none", 1e-6, ics_cosine=1.0)], {})
+    assert analysis.claim3_dln(g8b, [1e-6]).verdict == analysis.INCONCLUSIVE
     g9 = analysis.Grid([_summary("bn", 0.1, loss_range=0.1, grad_pred=0.1, beta=0.5), _summary("none", 0.1)], {})
     c4 = analysis.claim4(g9, 0.1)
     assert c4.verdict == analysis.REPRODUCED and "BN/none = 0.1" in c4.measured

@@ -123,10 +123,7 @@ def compare(a: Stat, b: Stat) -> Optional[int]:
     10% of the larger absolute value."""
     if not a.values or not b.values:
         return None
-    if a.n > 1 or b.n > 1:
-        noise = max(a.spread, b.spread)
-    else:
-        noise = 0.1 * max(abs(a.mean), abs(b.mean))
+    noise = _noise(a, b)
     diff = a.mean - b.mean
     if abs(diff) <= noise:
         return 0
@@ -242,9 +239,16 @@ def claim2(g: Grid, lr: float) -> Claim:
     return Claim("2", "noisy BN (unstable inputs) trains as well as BN", rule, measured, _combine(parts))
 
 
+def _noise(a: Stat, b: Stat) -> float:
+    if a.n > 1 or b.n > 1:
+        return max(a.spread, b.spread)
+    return 0.1 * max(abs(a.mean), abs(b.mean))
+
+
 def claim3_vgg(g: Grid, lrs: Sequence[float]) -> Claim:
     rule = ("at each ICS LR, BN's median ICS cosine (over conv layers and measurement points) is not higher "
-            "than the unnormalized network's by more than 0.05")
+            "than the unnormalized network's by more than 0.05: margin = none + 0.05 - BN must be > 0; "
+            + NOISE_RULE)
     parts, notes = [], []
     for lr in lrs:
         bn, none = stat(g.get("bn", lr), "ics_cosine"), stat(g.get("none", lr), "ics_cosine")
@@ -252,9 +256,11 @@ def claim3_vgg(g: Grid, lrs: Sequence[float]) -> Claim:
             parts.append(None)
             notes.append(f"LR {lr:g}: runs or measurements missing")
             continue
-        parts.append(bn.mean <= none.mean + 0.05)
+        margin, noise = none.mean + 0.05 - bn.mean, _noise(bn, none)
+        parts.append(None if abs(margin) <= noise else margin > 0)
         bl2, nl2 = stat(g.get("bn", lr), "ics_l2"), stat(g.get("none", lr), "ics_l2")
-        notes.append(f"LR {lr:g}: cosine BN {bn} vs none {none} (l2 BN {bl2} vs none {nl2})")
+        notes.append(f"LR {lr:g}: cosine BN {bn} vs none {none}, margin {margin:.3g} (noise {noise:.2g}); "
+                     f"l2 BN {bl2} vs none {nl2}")
     if not lrs:
         parts.append(None)
     return Claim("3", "BN does not reduce internal covariate shift (VGG)", rule,
@@ -263,7 +269,7 @@ def claim3_vgg(g: Grid, lrs: Sequence[float]) -> Claim:
 
 def claim3_dln(g: Grid, lrs: Sequence[float]) -> Claim:
     rule = ("DLN, at each ICS LR: the unnormalized network's median ICS cosine is above 0.9 and BN's is lower "
-            "than that")
+            "than that; " + NOISE_RULE)
     parts, notes = [], []
     for lr in lrs:
         bn, none = stat(g.get("bn", lr), "ics_cosine"), stat(g.get("none", lr), "ics_cosine")
@@ -271,7 +277,8 @@ def claim3_dln(g: Grid, lrs: Sequence[float]) -> Claim:
             parts.append(None)
             notes.append(f"LR {lr:g}: runs or measurements missing")
             continue
-        parts.append(none.mean > 0.9 and bn.mean < none.mean)
+        c = compare(bn, none)
+        parts.append(False if none.mean <= 0.9 else (None if c in (None, 0) else c < 0))
         notes.append(f"LR {lr:g}: cosine none {none}, BN {bn}; final loss none {stat(g.get('none', lr), 'final_loss')}"
                      f", BN {stat(g.get('bn', lr), 'final_loss')}")
     if not lrs:
@@ -371,3 +378,17 @@ def claim_curvature(g: Grid, lr: float) -> Claim:
     return Claim("4b", "BN lowers curvature (top Hessian eigenvalue)", rule,
                  f"LR {lr:g}: |lambda_max| BN {a} vs none {b}" + g.why_missing("bn", "none"),
                  INCONCLUSIVE if c in (None, 0) else (REPRODUCED if c < 0 else NOT_REPRODUCED))
+
+
+def untrained_notes(summaries: List[dict], tol: float = 0.95) -> List[str]:
+    """Runs whose final training loss stayed within 5% of their initial loss: comparisons of landscape or
+    ICS figures against such a run compare with a network that has not started to train."""
+    out = []
+    for s in summaries:
+        if s["spec"]["group"] != "main" or s["diverged"]:
+            continue
+        f, i = s.get("final_loss"), s.get("initial_loss")
+        if _num(f) is not None and _num(i) is not None and f >= tol * i:
+            out.append(f"`{s['run_id']}` did not train within its {s['spec']['steps']} steps (final loss {f:.4g} vs "
+                       f"initial {i:.4g}); claims comparing with it compare against an untrained network.")
+    return out

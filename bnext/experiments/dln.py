@@ -6,7 +6,8 @@ linear layer but the last (and the l_p normalizations). Measures ICS of every la
 at LR 1e-6 and 1e-7) and the landscape along the gradient over [0.01, 30] x LR; writes loss curves,
 ICS and landscape figures and report.md with the DLN claims rows.
 
-    python -m bnext.experiments.dln          # the paper's protocol; a few minutes on CPU
+    python -m bnext.experiments.dln                  # quick: 4,000 steps, a few minutes on 2 CPU cores
+    python -m bnext.experiments.dln --preset paper   # the paper's 10,000 steps
 """
 import dataclasses
 import sys
@@ -30,7 +31,7 @@ class DLNConfig:
     ics_norms: List[str] = option(["none", "bn"], "normalizations run at the extra --ics-lrs")
     ref_lr: float = option(1e-6, "LR whose runs the landscape figure and claims use")
     seeds: List[int] = option([0], "seeds (weights; the data uses --data-seed)")
-    steps: int = option(10000, "gradient-descent steps (paper: 10000)")
+    steps: int = option(4000, "gradient-descent steps (paper: 10000)")
     depth: int = option(25, "linear layers (paper: 25)")
     dim: int = option(10, "width of every layer (paper: 10)")
     points: int = option(1000, "data points x (paper: 1000)")
@@ -38,7 +39,7 @@ class DLNConfig:
     init: str = option("glorot", "weight init: glorot or torch", choices=["glorot", "torch"])
     momentum: float = option(0.0, "momentum ([choice]: plain gradient descent)")
     weight_decay: float = option(0.0, "weight decay ([choice]: none)")
-    measure_every: int = option(500, "steps between measurements (0: never) [choice: K]")
+    measure_every: int = option(200, "steps between measurements (0: never) [choice: K]")
     probe_etas: List[float] = option([0.01, 30.0], "line-probe step sizes as multiples of the LR: two values = a "
                                                    "log grid of --probe-points between them, more = the list itself")
     probe_points: int = option(8, "points of the line-probe log grid [choice: 8]")
@@ -49,7 +50,7 @@ class DLNConfig:
     threads: Optional[int] = option(1, "CPU threads per process (tiny tensors: 1 is fastest)")
     procs: int = option(2, "local processes sharing the grid (relaunches under torchrun; 1: this process)")
     tune_allocator: bool = option(True, "call bnext.tune_cpu_allocator() on CPU")
-    checkpoint_every: int = option(2000, "steps between checkpoints (0: none)")
+    checkpoint_every: int = option(1000, "steps between checkpoints (0: none)")
     out: Optional[str] = option(None, "output directory (default runs/dln-<preset>)")
     progress: bool = option(True, "tqdm progress bars")
     save_weights: bool = option(False, "keep each run's final weights as runs/<run>/final.pt")
@@ -78,7 +79,7 @@ class DLNConfig:
         return list(self.probe_etas)
 
 
-PRESETS: Dict[str, Dict[str, Any]] = {"quick": {}, "paper": {}}
+PRESETS: Dict[str, Dict[str, Any]] = {"quick": {}, "paper": {"steps": 10000, "measure_every": 500}}
 
 
 def _mse(model, batch):
@@ -182,7 +183,7 @@ def make_report(ctx) -> tuple:
                                                               "measure_every", "seeds")},
                         claims=claims, summaries=ctx["summaries"], missing=ctx["missing"], failed=ctx["failed"],
                         figures=figs, timing=ctx["timing"], columns=DLN_COLUMNS,
-                        notes=[f"Reference LR for claim 4: {ref:g}; ICS LRs: {', '.join(f'{v:g}' for v in ics_lrs)}.",
+                        notes=analysis.untrained_notes(ctx["summaries"]) + [f"Reference LR for claim 4: {ref:g}; ICS LRs: {', '.join(f'{v:g}' for v in ics_lrs)}.",
                                "Line probes use step sizes " + ", ".join(f"{m:.3g}" for m in cfg.eta_multipliers())
                                + " x LR, BN in train mode (full batch)."])
     return claims, figs, text

@@ -160,7 +160,7 @@ def histograms(runs: Runs, norms: Sequence[str], layers: Sequence[int], lr: floa
             if i == 0:
                 ax.set_title(f"{LABELS.get(n, n)}", color=COLORS.get(n))
             ax.set_ylabel(f"layer #{layer}: density")
-            ax.set_xlabel("activation (norm-layer output)")
+            ax.set_xlabel("pre-activation (output of conv -> norm)")
             ax.grid(alpha=0.3)
             if i == 0 and j == len(norms) - 1:
                 _legend(ax, fontsize=7)

@@ -94,8 +94,8 @@ def write_report(path: Path, *, title: str, command: str, env: Dict[str, Any], d
           f"- **CPU:** {env.get('threads')} threads per process, glibc allocator tuned: "
           f"{_fmt(env.get('allocator_tuned'))}; processes: {env.get('world', 1)}",
           "- **Settings:** " + ", ".join(f"{k}={_fmt(v)}" for k, v in settings.items()),
-          f"- **Time:** {timing.get('wall_s', 0):.0f} s of training in this invocation "
-          f"(all processes, runs skipped as finished not counted); median steps/s without measurement "
+          f"- **Time:** {timing.get('wall_s', 0):.0f} s from start to report in this invocation "
+          f"(runs finished by an earlier invocation are not redone); median steps/s without measurement "
           f"{_fmt(timing.get('steps_per_s'))}, with measurement {_fmt(timing.get('steps_per_s_measured'))}", ""]
     if missing or failed:
         L += ["## Runs not performed", ""]

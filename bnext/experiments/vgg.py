@@ -239,7 +239,7 @@ def make_report(ctx) -> tuple:
                                                               "test_size", "measure_every", "eval_every", "seeds")},
                         claims=claims, summaries=ctx["summaries"], missing=ctx["missing"], failed=ctx["failed"],
                         figures=figs, timing=ctx["timing"],
-                        notes=[f"Reference LR for claims 2, 4, 5: {ref:g}; ICS LRs: {', '.join(f'{v:g}' for v in ics_lrs)}.",
+                        notes=analysis.untrained_notes(ctx["summaries"]) + [f"Reference LR for claims 2, 4, 5: {ref:g}; ICS LRs: {', '.join(f'{v:g}' for v in ics_lrs)}.",
                                "Line probes use step sizes " + ", ".join(f"{m:.3g}" for m in cfg.eta_multipliers())
                                + " x LR, BN in train mode; activation statistics are the normalization layers' outputs."])
     return claims, figs, text
