@@ -21,7 +21,7 @@ VERDICTS = {analysis.REPRODUCED, analysis.NOT_REPRODUCED, analysis.INCONCLUSIVE}
 TINY_VGG = ["--dataset", "synthetic", "--no-download", "--width", "0.0625", "--batch-size", "32",
             "--train-size", "256", "--test-size", "64", "--steps", "6", "--eval-every", "3", "--measure-every", "3",
             "--checkpoint-every", "2", "--lrs", "0.1", "--ics-lrs", "0.01", "--probe-points", "3",
-            "--no-progress", "--threads", "2"]
+            "--no-progress", "--threads", "2", "--procs", "1"]
 TINY_DLN = ["--depth", "6", "--dim", "4", "--points", "64", "--steps", "12", "--measure-every", "6",
             "--ics-layers", "2,4", "--probe-points", "3", "--checkpoint-every", "4", "--no-progress", "--procs", "1"]
 
