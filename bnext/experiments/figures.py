@@ -68,12 +68,24 @@ def _diverged_marks(ax, seeds: List[List[dict]], norm: str):
                             color=COLORS.get(norm), fontsize=7, ha="right", va="center")
 
 
+def _label_short_log_axis(ax):
+    """A log y axis spanning less than a decade gets no major labels: label its minor ticks too."""
+    lo, hi = ax.get_ylim()
+    if lo > 0 and hi / lo < 10:
+        from matplotlib.ticker import FormatStrFormatter
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+
+
 def _legend(ax, **kw):
     if ax.get_legend_handles_labels()[0]:
         ax.legend(**kw)
 
 
 def _save(fig, path: Path) -> Path:
+    for ax in fig.axes:
+        if ax.get_yscale() == "log":
+            _label_short_log_axis(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
