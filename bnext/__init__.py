@@ -30,7 +30,7 @@ def _load_extension():
 
 _C = _load_extension()
 
-from .ops import batch_norm  # noqa: E402
+from .ops import batch_norm, lp_norm, noisy_batch_norm  # noqa: E402
 from .allocator import tune_cpu_allocator  # noqa: E402
 from . import nn  # noqa: E402
 from .ops import GRAD_STATS_COLUMNS, cosine, grad_stats, l2_distance, multi_axpy  # noqa: E402
@@ -46,5 +46,5 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["batch_norm", "build_info", "nn", "tune_cpu_allocator"]
+__all__ = ["batch_norm", "build_info", "lp_norm", "nn", "noisy_batch_norm", "tune_cpu_allocator"]
 __all__ += ["GRAD_STATS_COLUMNS", "cosine", "grad_stats", "l2_distance", "landscape", "multi_axpy"]

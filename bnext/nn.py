@@ -10,9 +10,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import batch_norm
+import math
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]
+from .ops import batch_norm, check_norm_args, check_p, lp_norm, noisy_batch_norm, _check_noise_args
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "NoisyBatchNorm1d", "NoisyBatchNorm2d",
+           "NoisyBatchNorm3d", "LpNorm1d", "LpNorm2d", "LpNorm3d", "convert"]
 
 
 class _FusedBatchNormMixin:
@@ -70,16 +73,159 @@ class BatchNorm3d(_FusedBatchNormMixin, torch.nn.BatchNorm3d):
         self._init_activation(activation)
 
 
+class _NoisyBatchNormMixin:
+    """Noisy BatchNorm (the paper's Algorithm 1) on top of torch's _BatchNorm state: in training,
+    bnext.noisy_batch_norm (batch statistics, affine, then s * a + m with fresh noise per call);
+    in eval, plain BatchNorm (no noise)."""
+
+    def _init_noise(self, noise_mean, noise_std, noise_mean_spread, noise_std_spread, generator):
+        _check_noise_args(type(self).__name__, noise_mean, noise_std, noise_mean_spread, noise_std_spread)
+        self.noise_mean, self.noise_std = float(noise_mean), float(noise_std)
+        self.noise_mean_spread, self.noise_std_spread = float(noise_mean_spread), float(noise_std_spread)
+        self.generator = generator
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        if not self.training:
+            use_batch_stats = self.running_mean is None and self.running_var is None
+            return batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                              use_batch_stats, factor, self.eps)
+        track = self.track_running_stats
+        return noisy_batch_norm(
+            input, self.running_mean if track else None, self.running_var if track else None,
+            self.weight, self.bias, True, factor, self.eps, self.noise_mean, self.noise_std,
+            self.noise_mean_spread, self.noise_std_spread, self.generator)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", noise_mean={self.noise_mean}, noise_std={self.noise_std}, "
+                f"noise_mean_spread={self.noise_mean_spread}, noise_std_spread={self.noise_std_spread}")
+
+
+def _noisy_class(base, dims):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=None, noise_mean=0.5, noise_std=1.25, noise_mean_spread=0.1,
+                 noise_std_spread=0.1, generator: Optional[torch.Generator] = None):
+        base.__init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self._init_noise(noise_mean, noise_std, noise_mean_spread, noise_std_spread, generator)
+
+    name = f"NoisyBatchNorm{dims}d"
+    doc = (f"Noisy BatchNorm{dims}d (PAPER.md, Algorithm 1): {base.__name__}'s arguments, parameters and "
+           "state_dict, plus noise_mean, noise_std, noise_mean_spread, noise_std_spread (see "
+           "bnext.noisy_batch_norm) and an optional torch.Generator for the noise seeds.")
+    return type(name, (_NoisyBatchNormMixin, base), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+NoisyBatchNorm1d = _noisy_class(torch.nn.BatchNorm1d, 1)
+NoisyBatchNorm2d = _noisy_class(torch.nn.BatchNorm2d, 2)
+NoisyBatchNorm3d = _noisy_class(torch.nn.BatchNorm3d, 3)
+
+
+class _LpNorm(torch.nn.Module):
+    """l_p normalization per channel (bnext.lp_norm), p in {1, 2, inf}: like a BatchNorm module
+    (weight, bias, running_mean, num_batches_tracked, momentum=None for a cumulative average,
+    track_running_stats), with running_norm (init 1) in place of running_var."""
+
+    _dims = 2
+    _expected = ""
+
+    def __init__(self, num_features: int, p, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None):
+        super().__init__()
+        name = type(self).__name__
+        self.p = check_p(name, p)
+        if not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.affine, self.track_running_stats = affine, track_running_stats
+        if affine:
+            self.weight = torch.nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = torch.nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_norm", torch.ones(num_features, **factory))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_norm", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_norm.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            torch.nn.init.ones_(self.weight)
+            torch.nn.init.zeros_(self.bias)
+
+    def _check_input_dim(self, input: Tensor):
+        if input.dim() not in self._ranks:
+            raise ValueError(f"{type(self).__name__}: expected {self._expected} input, got {input.dim()}D input")
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_norm is None)
+        track = not self.training or self.track_running_stats
+        return lp_norm(input, self.p, self.running_mean if track else None, self.running_norm if track else None,
+                       self.weight, self.bias, use_batch_stats, factor, self.eps)
+
+    def extra_repr(self) -> str:
+        p = "inf" if math.isinf(self.p) else int(self.p)
+        return (f"{self.num_features}, p={p}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}")
+
+
+class LpNorm1d(_LpNorm):
+    """l_p normalization of (N, C) or (N, C, L) input (bnext.lp_norm)."""
+    _ranks, _expected = (2, 3), "2D or 3D"
+
+
+class LpNorm2d(_LpNorm):
+    """l_p normalization of (N, C, H, W) input (bnext.lp_norm)."""
+    _ranks, _expected = (4,), "4D"
+
+
+class LpNorm3d(_LpNorm):
+    """l_p normalization of (N, C, D, H, W) input (bnext.lp_norm)."""
+    _ranks, _expected = (5,), "5D"
+
+
 _TORCH_BN = {torch.nn.BatchNorm1d: 1, torch.nn.BatchNorm2d: 2, torch.nn.BatchNorm3d: 3}
 _BNEXT_BN = {BatchNorm1d: 1, BatchNorm2d: 2, BatchNorm3d: 3}
+_NOISY = {NoisyBatchNorm1d: 1, NoisyBatchNorm2d: 2, NoisyBatchNorm3d: 3}
+_LP = {LpNorm1d: 1, LpNorm2d: 2, LpNorm3d: 3}
 _TARGETS = {"bn": {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d},
-            "torch": {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}}
+            "torch": {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d},
+            "noisy_bn": {1: NoisyBatchNorm1d, 2: NoisyBatchNorm2d, 3: NoisyBatchNorm3d},
+            **{k: {1: LpNorm1d, 2: LpNorm2d, 3: LpNorm3d} for k in ("l1", "l2", "linf")}}
+_TARGET_P = {"l1": 1.0, "l2": 2.0, "linf": math.inf}
+_ALL_TARGETS = sorted(list(_TARGETS) + ["none"])
 
 
 def _spatial_dims(module) -> Optional[int]:
-    for table in (_BNEXT_BN, _TORCH_BN):  # bnext classes first: they subclass torch's
+    # bnext classes first (they subclass torch's), then anything that subclasses torch's BatchNorm.
+    for table in (_NOISY, _LP, _BNEXT_BN, _TORCH_BN):
         if type(module) in table:
             return table[type(module)]
+    for cls, dims in _TORCH_BN.items():
+        if isinstance(module, cls):
+            return dims
     return None
 
 
@@ -90,31 +236,48 @@ def _convert_one(module, to: str):
     if to == "none":  # the unnormalized network
         return torch.nn.Identity()
     cls = _TARGETS[to][dims]
-    if type(module) is cls:
+    p = _TARGET_P.get(to)
+    if type(module) is cls and (p is None or module.p == p):
         return module
     ref = module.weight if module.weight is not None else module.running_mean
     factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
-    new = cls(module.num_features, eps=module.eps, momentum=module.momentum, affine=module.affine,
-              track_running_stats=module.track_running_stats, **factory)
-    new.load_state_dict(module.state_dict())
+    args = dict(eps=module.eps, momentum=module.momentum, affine=module.affine,
+                track_running_stats=module.track_running_stats, **factory)
+    new = cls(module.num_features, p, **args) if p is not None else cls(module.num_features, **args)
+    # Keep the state that maps: affine parameters, running mean, batch count, and the second running
+    # statistic only between layers of the same kind (variance, or an l_p norm of the same p).
+    old_state, state = module.state_dict(), new.state_dict()
+    same_second = (isinstance(module, _LpNorm) == isinstance(new, _LpNorm)) and getattr(module, "p", None) == p
+    for key in state:
+        if key in ("running_var", "running_norm") and not same_second:
+            continue
+        if key in old_state and old_state[key].shape == state[key].shape:
+            state[key] = old_state[key]
+    new.load_state_dict(state)
     new.train(module.training)
-    if module.weight is not None:
+    if module.weight is not None and new.weight is not None:
         new.weight.requires_grad_(module.weight.requires_grad)
         new.bias.requires_grad_(module.bias.requires_grad)
     return new
 
 
 def convert(model: torch.nn.Module, to: str = "bn") -> torch.nn.Module:
-    """Returns `model` with every BatchNorm layer replaced, parameters and buffers kept.
+    """Returns `model` with every normalization layer replaced: torch's BatchNorm1d/2d/3d (and
+    subclasses), and bnext's BatchNorm, NoisyBatchNorm and LpNorm layers.
 
-    to="bn": torch.nn.BatchNorm1d/2d/3d -> bnext.nn.BatchNorm1d/2d/3d.
-    to="torch": bnext's BatchNorm layers -> torch's.
-    to="none": every BatchNorm layer -> torch.nn.Identity (the unnormalized network).
-    The model is changed in place (and returned); a model that is itself a BatchNorm layer is
-    returned as a new module.
+    to="bn":       bnext.nn.BatchNorm1d/2d/3d
+    to="torch":    torch.nn.BatchNorm1d/2d/3d
+    to="noisy_bn": bnext.nn.NoisyBatchNorm1d/2d/3d (paper's noise constants)
+    to="l1" / "l2" / "linf": bnext.nn.LpNorm1d/2d/3d with p = 1, 2, inf
+    to="none":     torch.nn.Identity (the unnormalized network)
+    Kept where it maps: weight and bias, running_mean, num_batches_tracked, eps, momentum, affine,
+    track_running_stats, train/eval mode, requires_grad; running_var is kept between BatchNorm kinds
+    and running_norm between l_p layers of the same p (otherwise they start at 1).
+    The model is changed in place (and returned); a model that is itself a normalization layer is
+    returned as a new module (or itself when it is already of the target kind).
     """
-    if to not in _TARGETS and to != "none":
-        raise ValueError(f"bnext.nn.convert: to must be one of {sorted(_TARGETS) + ['none']}, got {to!r}")
+    if to not in _ALL_TARGETS:
+        raise ValueError(f"bnext.nn.convert: to must be one of {_ALL_TARGETS}, got {to!r}")
     replaced = _convert_one(model, to)
     if replaced is not None:
         return replaced

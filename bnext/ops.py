@@ -211,21 +211,22 @@ def check_norm_args(op: str, input, channel_args: dict, eps, momentum):
 
 
 def update_running_stats(op: str, running_mean, running_var, mean, var, count: int, momentum: float,
-                         batched: bool):
+                         batched: bool, bessel: bool = True):
     """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance, as
-    torch.nn.functional.batch_norm does."""
+    torch.nn.functional.batch_norm does (bessel=False: the second statistic is taken as it is, e.g.
+    the l_p norm of lp_norm)."""
     if running_mean is None and running_var is None:
         return
     if batched:
         raise RuntimeError(
-            f"{op}: cannot update running_mean/running_var inside torch.func.vmap (each vmapped "
+            f"{op}: cannot update running_mean/{'running_var' if bessel else 'running_norm'} inside torch.func.vmap (each vmapped "
             "problem would write the same buffers). Use eval mode, pass running_mean=None and "
             "running_var=None, or a module with track_running_stats=False.")
     with torch.no_grad():
         if running_mean is not None:
             running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
         if running_var is not None:
-            unbiased = var * (count / (count - 1))
+            unbiased = var * (count / (count - 1)) if bessel else var
             running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
 
@@ -263,6 +264,332 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if training and count > 0:  # an empty batch leaves the running stats alone, as in torch
         update_running_stats(op, running_mean, running_var, mean, var, count, float(momentum),
                              _is_batched(input, weight, bias, running_mean, running_var))
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# Noisy BatchNorm (PAPER.md, Algorithm 1): BatchNorm, then s * a + m with noise drawn in the kernel
+# from a counter-based generator (csrc/common/noise.h). Nothing input-sized is saved for backward:
+# the kernel regenerates s from the seed.
+# -------------------------------------------------------------------------------------------------
+
+def _noise_list(noise_mean, noise_std, noise_mean_spread, noise_std_spread):
+    return [float(noise_mean), float(noise_std), float(noise_mean_spread), float(noise_std_spread)]
+
+
+@torch.library.register_fake("bnext::noisy_batch_norm_forward")
+def _noisy_bn_forward_fake(input, weight, bias, eps, seed, noise, noise_channels):
+    acc = _acc_dtype(input.dtype)
+    C = input.shape[1]
+    stats = input.new_empty((C,), dtype=acc)
+    return _empty_in_kernel_layout(input), stats, stats.new_empty((C,))
+
+
+@torch.library.register_fake("bnext::noisy_batch_norm_backward")
+def _noisy_bn_backward_fake(grad_out, input, weight, bias, mean, var, eps, seed, noise, noise_channels):
+    acc = _acc_dtype(input.dtype)
+    C = input.shape[1]
+    sums = input.new_empty((C,), dtype=acc)
+    return _empty_in_kernel_layout(input), sums, sums.new_empty((C,))
+
+
+def noisy_batch_norm_noise(input: Tensor, seed: Tensor, noise, noise_channels: Optional[int] = None):
+    """The noise (s, m) a noisy_batch_norm_forward call with this seed applies to an input shaped like
+    `input`, materialized (input-sized, dtype of input): for tests and for the double-backward
+    composite. Computed by the kernel itself on a = bias (weight 0): m from bias 0, s from bias 1."""
+    C = input.shape[1]
+    nc = C if noise_channels is None else noise_channels
+    z = torch.zeros_like(input, memory_format=torch.contiguous_format)
+    zeros = torch.zeros(C, dtype=_acc_dtype(input.dtype) if input.dtype != torch.float64 else input.dtype,
+                        device=input.device)
+    if input.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
+        zeros = zeros.float()
+    m = _ops.noisy_batch_norm_forward(z, zeros, zeros, 1.0, seed, list(noise), nc)[0]
+    sm = _ops.noisy_batch_norm_forward(z, zeros, zeros + 1, 1.0, seed, list(noise), nc)[0]
+    return (sm - m).to(input.dtype), m.to(input.dtype)
+
+
+def _noisy_setup_context(ctx, inputs, output):
+    input, weight, bias, eps, seed, noise, noise_channels = inputs
+    _out, mean, var = output
+    ctx.save_for_backward(input, weight, bias, mean, var, seed)
+    ctx.eps, ctx.noise, ctx.noise_channels = eps, list(noise), noise_channels
+    ctx.mark_non_differentiable(mean, var)
+
+
+def _noisy_backward(ctx, grad_out, _grad_mean, _grad_var):
+    input, weight, bias, mean, var, seed = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():
+        # Double backward: BatchNorm's composite with g = grad_out * s (s materialized here only).
+        s, _m = noisy_batch_norm_noise(input.detach(), seed, ctx.noise, ctx.noise_channels)
+        dx, dw, db = batch_norm_backward_reference(
+            grad_out * s, input, weight, bias, mean, var, True, ctx.eps, False)
+    else:
+        dx, db, dw = _ops.noisy_batch_norm_backward(
+            grad_out, input, weight, bias, mean, var, ctx.eps, seed, ctx.noise, ctx.noise_channels)
+    dw = dw.to(weight.dtype) if (need_weight and weight is not None) else None
+    db = db.to(bias.dtype) if (need_bias and bias is not None) else None
+    return (dx if need_input else None), dw, db, None, None, None, None
+
+
+torch.library.register_autograd(
+    "bnext::noisy_batch_norm_forward", _noisy_backward, setup_context=_noisy_setup_context)
+
+
+def _check_unbatched_seed(op, seed_dim):
+    if seed_dim is not None:
+        raise RuntimeError(
+            f"{op}: the noise seed is batched under torch.func.vmap (randomness='different'); use "
+            "randomness='same' (every vmapped problem gets the noise it would get alone)")
+
+
+@torch.library.register_vmap("bnext::noisy_batch_norm_forward")
+def _noisy_bn_forward_vmap(info, in_dims, input, weight, bias, eps, seed, noise, noise_channels):
+    _check_unbatched_seed("bnext.noisy_batch_norm", in_dims[4])
+    B = info.batch_size
+    x = _fold_input(input, in_dims[0], B)
+    C = x.shape[1] // B
+    out, mean, var = _ops.noisy_batch_norm_forward(
+        x, _fold_channel(weight, in_dims[1], B, C), _fold_channel(bias, in_dims[2], B, C), eps, seed, noise,
+        noise_channels)
+    return (_unfold_input(out, B), mean.view(B, C), var.view(B, C)), (1, 0, 0)
+
+
+@torch.library.register_vmap("bnext::noisy_batch_norm_backward")
+def _noisy_bn_backward_vmap(info, in_dims, grad_out, input, weight, bias, mean, var, eps, seed, noise,
+                            noise_channels):
+    _check_unbatched_seed("bnext.noisy_batch_norm", in_dims[7])
+    B = info.batch_size
+    x = _fold_input(input, in_dims[1], B)
+    C = x.shape[1] // B
+    dx, s_dy, s_dy_xhat = _ops.noisy_batch_norm_backward(
+        _fold_input(grad_out, in_dims[0], B), x, _fold_channel(weight, in_dims[2], B, C),
+        _fold_channel(bias, in_dims[3], B, C), _fold_channel(mean, in_dims[4], B, C),
+        _fold_channel(var, in_dims[5], B, C), eps, seed, noise, noise_channels)
+    return (_unfold_input(dx, B), s_dy.view(B, C), s_dy_xhat.view(B, C)), (1, 0, 0)
+
+
+def draw_seed(generator: Optional[torch.Generator] = None) -> Tensor:
+    """A 0-d int64 CPU tensor of 63 random bits from `generator` (default: torch's default CPU
+    generator), the key of the noise of one noisy_batch_norm call. Advances the generator once,
+    so torch.manual_seed reproduces the sequence of noises, whatever device the input is on."""
+    if generator is None:
+        return torch.empty((), dtype=torch.int64).random_()
+    seed = torch.empty((), dtype=torch.int64, device=generator.device).random_(generator=generator)
+    return seed.cpu()
+
+
+def _check_noise_args(op, noise_mean, noise_std, noise_mean_spread, noise_std_spread):
+    for name, v in (("noise_mean", noise_mean), ("noise_std", noise_std),
+                    ("noise_mean_spread", noise_mean_spread), ("noise_std_spread", noise_std_spread)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{op}: {name} must be a finite number >= 0, got {v!r}")
+    if noise_std < 1:
+        raise ValueError(f"{op}: noise_std must be >= 1 (sigma ~ U(1, noise_std)), got {noise_std!r}")
+
+
+def noisy_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                     weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                     training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+                     noise_mean: float = 0.5, noise_std: float = 1.25, noise_mean_spread: float = 0.1,
+                     noise_std_spread: float = 0.1,
+                     generator: Optional[torch.Generator] = None) -> Tensor:
+    """"Noisy" BatchNorm, the paper's Algorithm 1, fused into the BatchNorm kernels.
+
+    training=True: a = BatchNorm(input) with batch statistics and the affine weight/bias (running
+    stats updated as in :func:`batch_norm`), then, drawn afresh at every call, per channel
+    mu_c ~ U(-noise_mean, noise_mean) and sigma_c ~ U(1, noise_std), and per element
+    m ~ U(mu_c - noise_mean_spread, mu_c + noise_mean_spread) and s ~ N(sigma_c, noise_std_spread)
+    (a standard deviation); the output is s * a + m.
+    training=False: plain BatchNorm with the running statistics (no noise).
+
+    The noise is generated inside the kernel by Philox4x32-10 keyed with a 64-bit seed drawn from
+    ``generator`` (default: torch's default CPU generator, for CUDA inputs too), indexed by the
+    element's logical NCHW position: torch.manual_seed reproduces it, and the same seed gives the
+    same noise on CPU and CUDA and in both memory layouts. Backward regenerates s (nothing
+    input-sized is kept) and is exact for the sampled noise. Under torch.func.vmap use
+    randomness="same": every vmapped problem then gets the noise it would get alone.
+    """
+    op = "bnext.noisy_batch_norm"
+    check_norm_args(op, input, {"running_mean": running_mean, "running_var": running_var,
+                                "weight": weight, "bias": bias}, eps, momentum)
+    _check_noise_args(op, noise_mean, noise_std, noise_mean_spread, noise_std_spread)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{op}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: running_mean and running_var must both be given or both be None")
+    if not training:
+        if running_mean is None:
+            raise ValueError(f"{op}: running_mean and running_var are required when training=False")
+        return _ops.batch_norm_forward(input, weight, bias, running_mean, running_var, False, float(eps), False)[0]
+    count = input.numel() // max(input.shape[1], 1)
+    if count == 1:
+        raise ValueError(f"{op}: expected more than 1 value per channel when training, "
+                         f"got input of shape {tuple(input.shape)}")
+    seed = draw_seed(generator)
+    noise = _noise_list(noise_mean, noise_std, noise_mean_spread, noise_std_spread)
+    out, mean, var = _ops.noisy_batch_norm_forward(input, weight, bias, float(eps), seed, noise, input.shape[1])
+    if count > 0:
+        update_running_stats(op, running_mean, running_var, mean, var, count, float(momentum),
+                             _is_batched(input, weight, bias, running_mean, running_var))
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# l_p normalization, p in {1, 2, inf} (csrc/common/lp_norm_math.h)
+# -------------------------------------------------------------------------------------------------
+
+_P_VALUES = (1.0, 2.0, math.inf)
+
+
+@torch.library.register_fake("bnext::lp_norm_forward")
+def _lp_forward_fake(input, p, weight, bias, running_mean, running_norm, training, eps):
+    acc = _acc_dtype(input.dtype)
+    C = input.shape[1]
+    stats = input.new_empty((C,), dtype=acc)
+    return (_empty_in_kernel_layout(input), stats, stats.new_empty((C,)),
+            input.new_empty((C,), dtype=torch.int64))
+
+
+@torch.library.register_fake("bnext::lp_norm_backward")
+def _lp_backward_fake(grad_out, input, p, weight, bias, mean, norm, argmax, training, eps):
+    acc = _acc_dtype(input.dtype)
+    C = input.shape[1]
+    sums = input.new_empty((C,), dtype=acc)
+    return _empty_in_kernel_layout(input), sums, sums.new_empty((C,))
+
+
+def _lp_norm_of(x: Tensor, p: float, argmax: Optional[Tensor]) -> Tensor:
+    """N_p per channel (shape (1, C, 1...)), differentiably, with the kernel's subgradient for
+    p = inf: the max is read at the saved arg-max position (first in logical NCHW order)."""
+    dims = _reduce_dims(x)
+    if p == 1:
+        return x.abs().mean(dims, keepdim=True)
+    if p == 2:
+        return x.square().mean(dims, keepdim=True).sqrt()
+    flat = x.movedim(1, 0).reshape(x.shape[1], -1)  # (C, M), position n * S + s
+    if argmax is None:
+        argmax = flat.abs().argmax(1)  # torch.argmax returns the first maximal index
+    return _channel_view(flat.abs().gather(1, argmax.view(-1, 1)).view(-1), x)
+
+
+def lp_norm_reference(input, p, weight, bias, mean, norm, argmax, training, eps):
+    """l_p normalization composed of torch ops (differentiable; the double-backward path and the
+    tests' reference). Training recomputes the statistics from `input`; eval uses mean/norm."""
+    dims = _reduce_dims(input)
+    if training:
+        mu = input.mean(dims, keepdim=True)
+        n = _lp_norm_of(input, p, argmax)
+    else:
+        mu = _channel_view(mean.to(input.dtype), input)
+        n = _channel_view(norm.to(input.dtype), input)
+    y = (input - mu) / (n + eps)
+    if weight is not None:
+        y = y * _channel_view(weight.to(input.dtype), input)
+    if bias is not None:
+        y = y + _channel_view(bias.to(input.dtype), input)
+    return y
+
+
+def _lp_setup_context(ctx, inputs, output):
+    input, p, weight, bias, _rm, _rn, training, eps = inputs
+    _out, mean, norm, argmax = output
+    ctx.save_for_backward(input, weight, bias, mean, norm, argmax)
+    ctx.p, ctx.training, ctx.eps = p, training, eps
+    ctx.mark_non_differentiable(mean, norm, argmax)
+
+
+def _lp_backward(ctx, grad_out, _gm, _gn, _ga):
+    input, weight, bias, mean, norm, argmax = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+    if torch.is_grad_enabled():
+        # Double backward: differentiate the composite built on the saved tensors themselves, with
+        # create_graph, so the outer graph sees the first derivative as a function of them.
+        y = lp_norm_reference(input, ctx.p, weight, bias, mean, norm, argmax if ctx.p == math.inf else None,
+                              ctx.training, ctx.eps)
+        wanted = [t is not None and t.requires_grad for t in (input, weight, bias)]
+        wrt = [t for t, w in zip((input, weight, bias), wanted) if w]
+        it = iter(torch.autograd.grad(y, wrt, grad_out, create_graph=True, allow_unused=True) if wrt else [])
+        dx, dw, db = [next(it) if w else None for w in wanted]
+    else:
+        dx, db, dw = _ops.lp_norm_backward(grad_out, input, ctx.p, weight, bias, mean, norm, argmax,
+                                           ctx.training, ctx.eps)
+    dw = dw.to(weight.dtype) if (need_weight and weight is not None and dw is not None) else None
+    db = db.to(bias.dtype) if (need_bias and bias is not None and db is not None) else None
+    return (dx if need_input else None), None, dw, db, None, None, None, None
+
+
+torch.library.register_autograd("bnext::lp_norm_forward", _lp_backward, setup_context=_lp_setup_context)
+
+
+@torch.library.register_vmap("bnext::lp_norm_forward")
+def _lp_forward_vmap(info, in_dims, input, p, weight, bias, running_mean, running_norm, training, eps):
+    B = info.batch_size
+    x = _fold_input(input, in_dims[0], B)
+    C = x.shape[1] // B
+    out, mean, norm, argmax = _ops.lp_norm_forward(
+        x, p, _fold_channel(weight, in_dims[2], B, C), _fold_channel(bias, in_dims[3], B, C),
+        _fold_channel(running_mean, in_dims[4], B, C), _fold_channel(running_norm, in_dims[5], B, C),
+        training, eps)
+    return (_unfold_input(out, B), mean.view(B, C), norm.view(B, C), argmax.view(B, C)), (1, 0, 0, 0)
+
+
+@torch.library.register_vmap("bnext::lp_norm_backward")
+def _lp_backward_vmap(info, in_dims, grad_out, input, p, weight, bias, mean, norm, argmax, training, eps):
+    B = info.batch_size
+    x = _fold_input(input, in_dims[1], B)
+    C = x.shape[1] // B
+    dx, s_dy, s_dy_xhat = _ops.lp_norm_backward(
+        _fold_input(grad_out, in_dims[0], B), x, p, _fold_channel(weight, in_dims[3], B, C),
+        _fold_channel(bias, in_dims[4], B, C), _fold_channel(mean, in_dims[5], B, C),
+        _fold_channel(norm, in_dims[6], B, C), _fold_channel(argmax, in_dims[7], B, C), training, eps)
+    return (_unfold_input(dx, B), s_dy.view(B, C), s_dy_xhat.view(B, C)), (1, 0, 0)
+
+
+def check_p(op: str, p) -> float:
+    """p as a float in (1.0, 2.0, inf); accepts 1, 2, inf (numbers) and "inf"."""
+    if isinstance(p, str) and p.lower() in ("inf", "infinity"):
+        return math.inf
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or float(p) not in _P_VALUES:
+        raise ValueError(f"{op}: p must be 1, 2 or inf (math.inf), got {p!r}")
+    return float(p)
+
+
+def lp_norm(input: Tensor, p, running_mean: Optional[Tensor], running_norm: Optional[Tensor],
+            weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+            momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """l_p normalization per channel over (N, *), p in {1, 2, inf}:
+
+        z = weight * (x - mean(x)) / (N_p(x) + eps) + bias,
+        N_1 = mean |x|,  N_2 = sqrt(mean x^2),  N_inf = max |x|   (the norm of x BEFORE centering).
+
+    training=True: batch statistics; running_mean/running_norm (when given) are updated in place,
+    running = (1 - momentum) * running + momentum * batch (the norm as it is, no correction).
+    training=False: the running statistics (both required).
+    Gradients are exact; subgradients: sign(0) = 0 for p = 1; an all-zero channel has zero norm
+    gradient for p = 2; for p = inf the gradient of max |x| goes entirely to ONE element, the
+    first arg-max in logical NCHW order (smallest n, then smallest spatial index).
+    One statistics pass and one elementwise pass forward; the same backward.
+    """
+    op = "bnext.lp_norm"
+    check_norm_args(op, input, {"running_mean": running_mean, "running_norm": running_norm,
+                                "weight": weight, "bias": bias}, eps, momentum)
+    p = check_p(op, p)
+    if (running_mean is None) != (running_norm is None):
+        raise ValueError(f"{op}: running_mean and running_norm must both be given or both be None")
+    count = input.numel() // max(input.shape[1], 1)
+    if training and count == 1:
+        raise ValueError(f"{op}: expected more than 1 value per channel when training, "
+                         f"got input of shape {tuple(input.shape)}")
+    if not training and running_mean is None:
+        raise ValueError(f"{op}: running_mean and running_norm are required when training=False")
+    out, mean, norm, _argmax = _ops.lp_norm_forward(
+        input, p, weight, bias, running_mean, running_norm, bool(training), float(eps))
+    if training and count > 0:
+        update_running_stats(op, running_mean, running_norm, mean, norm, count, float(momentum),
+                             _is_batched(input, weight, bias, running_mean, running_norm), bessel=False)
     return out
 
 

@@ -3,6 +3,12 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include <cmath>
+#include <cstdint>
+
+#include "common/lp_norm_math.h"
+#include "common/noise.h"
+
 namespace bnext {
 
 // The two memory layouts the kernels read natively.
@@ -84,6 +90,32 @@ inline void check_input(const at::Tensor& input) {
   TORCH_CHECK(at::isFloatingType(input.scalar_type()),
               "bnext: input must be float64, float32, float16 or bfloat16, got ",
               input.scalar_type());
+}
+
+// noisy_batch_norm: the Philox key and noise constants of one call (checks shared by CPU and CUDA).
+inline NoiseSpec noise_spec(const at::Tensor& seed, at::ArrayRef<double> noise, int64_t noise_channels,
+                            const at::Tensor& input) {
+  TORCH_CHECK(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() == 1,
+              "bnext.noisy_batch_norm: seed must be a one-element int64 CPU tensor, got ", seed.scalar_type(),
+              " of shape ", seed.sizes(), " on ", seed.device());
+  TORCH_CHECK(noise.size() == 4, "bnext.noisy_batch_norm: noise must be [noise_mean, noise_std, noise_mean_spread, "
+              "noise_std_spread], got ", noise.size(), " values");
+  const int64_t C = input.size(1);
+  TORCH_CHECK(noise_channels > 0 ? C % noise_channels == 0 : C == 0,
+              "bnext.noisy_batch_norm: noise_channels must divide the number of channels ", C, ", got ",
+              noise_channels);
+  const uint64_t key = static_cast<uint64_t>(seed.item<int64_t>());
+  return NoiseSpec{static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32), static_cast<float>(noise[0]),
+                   static_cast<float>(noise[1]), static_cast<float>(noise[2]), static_cast<float>(noise[3]),
+                   noise_channels > 0 ? noise_channels : 1};
+}
+
+// lp_norm: p in {1, 2, inf}.
+inline LpKind lp_kind(double p) {
+  if (p == 1.0) return LpKind::kL1;
+  if (p == 2.0) return LpKind::kL2;
+  TORCH_CHECK(std::isinf(p) && p > 0, "bnext.lp_norm: p must be 1, 2 or inf, got ", p);
+  return LpKind::kLinf;
 }
 
 }  // namespace bnext

@@ -23,7 +23,52 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, bool training,
     double eps, bool relu);
 
+// Noisy BatchNorm (training mode only: eval is plain BatchNorm). `seed`: 0-d int64 CPU tensor,
+// the Philox key; `noise` = [noise_mean, noise_std, noise_mean_spread, noise_std_spread]
+// (csrc/common/noise.h). Returns (output, mean, var) like batch_norm_forward; backward returns
+// (grad_input, sum_g, sum_g_xhat) with g = grad_out * s, s regenerated from the seed.
+// noise_channels (= C, except in the vmap rule, which folds B problems into B * C channels): channel
+// c gets the noise of channel c % noise_channels of a (N, noise_channels, *) input, so every folded
+// problem sees the noise it would get alone.
+std::tuple<Tensor, Tensor, Tensor> noisy_batch_norm_forward_cpu(
+    const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps,
+    const Tensor& seed, at::ArrayRef<double> noise,
+    int64_t noise_channels);
+std::tuple<Tensor, Tensor, Tensor> noisy_batch_norm_backward_cpu(
+    const Tensor& grad_out, const Tensor& input, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, double eps, const Tensor& seed,
+    at::ArrayRef<double> noise, int64_t noise_channels);
+
+// l_p normalization, p in {1, 2, inf} (csrc/common/lp_norm_math.h). Returns (output, mean, norm,
+// argmax): the statistics used (batch or a copy of the running ones) in the accumulation dtype,
+// and for p = inf in training the position (n * S + s) of each channel's first arg-max of |x|
+// (int64, -1 otherwise). Backward returns (grad_input, sum_dy, sum_dy_xhat), xhat = (x - mean) / (N + eps).
+std::tuple<Tensor, Tensor, Tensor, Tensor> lp_norm_forward_cpu(
+    const Tensor& input, double p, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_norm, bool training, double eps);
+std::tuple<Tensor, Tensor, Tensor> lp_norm_backward_cpu(
+    const Tensor& grad_out, const Tensor& input, double p, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& norm, const Tensor& argmax, bool training,
+    double eps);
+
 #ifdef BNEXT_WITH_CUDA
+std::tuple<Tensor, Tensor, Tensor> noisy_batch_norm_forward_cuda(
+    const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps,
+    const Tensor& seed, at::ArrayRef<double> noise,
+    int64_t noise_channels);
+std::tuple<Tensor, Tensor, Tensor> noisy_batch_norm_backward_cuda(
+    const Tensor& grad_out, const Tensor& input, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, double eps, const Tensor& seed,
+    at::ArrayRef<double> noise, int64_t noise_channels);
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lp_norm_forward_cuda(
+    const Tensor& input, double p, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_norm, bool training, double eps);
+std::tuple<Tensor, Tensor, Tensor> lp_norm_backward_cuda(
+    const Tensor& grad_out, const Tensor& input, double p, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& norm, const Tensor& argmax, bool training,
+    double eps);
+
 std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cuda(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,

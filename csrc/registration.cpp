@@ -43,6 +43,17 @@ TORCH_LIBRARY(bnext, m) {
   // Returns (grad_input, sum_dy, sum_dy_xhat): grad_bias = sum_dy, grad_weight = sum_dy_xhat.
   m.def("batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, "
         "Tensor mean, Tensor var, bool training, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
+  // Noisy BatchNorm, training mode (eval is batch_norm_forward). seed: 0-d int64 CPU tensor (the
+  // Philox key); noise = [noise_mean, noise_std, noise_mean_spread, noise_std_spread].
+  m.def("noisy_batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, float eps, Tensor seed, "
+        "float[] noise, int noise_channels) -> (Tensor, Tensor, Tensor)");
+  m.def("noisy_batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, "
+        "Tensor var, float eps, Tensor seed, float[] noise, int noise_channels) -> (Tensor, Tensor, Tensor)");
+  // l_p normalization, p in {1, 2, inf}: returns (output, mean, norm, argmax).
+  m.def("lp_norm_forward(Tensor input, float p, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+        "Tensor? running_norm, bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("lp_norm_backward(Tensor grad_out, Tensor input, float p, Tensor? weight, Tensor? bias, Tensor mean, "
+        "Tensor norm, Tensor argmax, bool training, float eps) -> (Tensor, Tensor, Tensor)");
   // Multi-tensor gradient statistics (csrc/cpu/grad_stats.cpp): row i of the (len(a), 4) fp64
   // result is [||a_i||^2, ||b_i||^2, ||a_i - b_i||^2, <a_i, b_i>].
   m.def("grad_stats(Tensor[] a, Tensor[] b) -> Tensor");
@@ -53,6 +64,10 @@ TORCH_LIBRARY(bnext, m) {
 TORCH_LIBRARY_IMPL(bnext, CPU, m) {
   m.impl("batch_norm_forward", &bnext::batch_norm_forward_cpu);
   m.impl("batch_norm_backward", &bnext::batch_norm_backward_cpu);
+  m.impl("noisy_batch_norm_forward", &bnext::noisy_batch_norm_forward_cpu);
+  m.impl("noisy_batch_norm_backward", &bnext::noisy_batch_norm_backward_cpu);
+  m.impl("lp_norm_forward", &bnext::lp_norm_forward_cpu);
+  m.impl("lp_norm_backward", &bnext::lp_norm_backward_cpu);
   m.impl("grad_stats", &bnext::grad_stats_cpu);
   m.impl("multi_axpy", &bnext::multi_axpy_cpu);
 }
@@ -61,6 +76,10 @@ TORCH_LIBRARY_IMPL(bnext, CPU, m) {
 TORCH_LIBRARY_IMPL(bnext, CUDA, m) {
   m.impl("batch_norm_forward", &bnext::batch_norm_forward_cuda);
   m.impl("batch_norm_backward", &bnext::batch_norm_backward_cuda);
+  m.impl("noisy_batch_norm_forward", &bnext::noisy_batch_norm_forward_cuda);
+  m.impl("noisy_batch_norm_backward", &bnext::noisy_batch_norm_backward_cuda);
+  m.impl("lp_norm_forward", &bnext::lp_norm_forward_cuda);
+  m.impl("lp_norm_backward", &bnext::lp_norm_backward_cuda);
   m.impl("grad_stats", &bnext::grad_stats_cuda);
   m.impl("multi_axpy", &bnext::multi_axpy_cuda);
 }

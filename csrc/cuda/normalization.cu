@@ -47,6 +47,8 @@
 #include <type_traits>
 
 #include "../common/batch_norm_math.h"
+#include "../common/lp_norm_math.h"
+#include "../common/noise.h"
 #include "../common/welford.h"
 #include "../layout.h"
 #include "../ops.h"
@@ -669,6 +671,518 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnext_batch_norm_backward_cuda", [&] {
     with_bool(relu, [&](auto RELU) {
       backward_impl<scalar_t, decltype(RELU)::value>(dy, x, dx, g, training, eps, w, b, m, v, sum_dy, sum_dy_xhat);
+    });
+  });
+  return {dx, sum_dy, sum_dy_xhat};
+}
+
+// =============================================================================================
+// Noisy BatchNorm and l_p normalization: the same skeleton (reduce_and_merge over a policy, a
+// per-channel step, launch_elementwise over an op), with other policies and ops.
+//   noisy BN:  statistics = StatsPolicy (BatchNorm's); elementwise ForwardOp's value * s + m;
+//              backward sums and dx = BatchNorm's with g = dy * s (s regenerated from the seed).
+//   l_p norm:  statistics = LpStatsPolicy (sum x, sum |x|^p or first max |x|); elementwise =
+//              ForwardOp with invstd := 1 / (N + eps); backward sums = GradPolicy; dx = LpBackwardOp.
+// Noise and l_p math: csrc/common/noise.h, csrc/common/lp_norm_math.h.
+// =============================================================================================
+namespace {
+
+// Element at flat offset i (of the prepared layout) -> (n, s).
+struct FlatGeometry {
+  int64_t C, S;
+  bool interleaved;
+  __device__ void ns_of(int64_t i, int64_t& n, int64_t& s) const {
+    if (interleaved) {
+      const int64_t row = i / C;
+      n = row / S;
+      s = row - n * S;
+    } else {
+      n = i / (C * S);
+      s = i % S;
+    }
+  }
+  // Position of element i within its channel's M values: n * S + s.
+  __device__ int64_t position(int64_t i) const {
+    int64_t n, s;
+    ns_of(i, n, s);
+    return n * S + s;
+  }
+  __device__ int64_t noise_index_of(int64_t i, int64_t c, int64_t P) const {
+    int64_t n, s;
+    ns_of(i, n, s);
+    return noise_index(n, c, s, P, S);
+  }
+};
+
+FlatGeometry flat_geometry(const Geometry& g) { return FlatGeometry{g.C, g.S, g.interleaved}; }
+
+__global__ void __launch_bounds__(kThreads)
+channel_noise_kernel(NoiseSpec ns, int64_t C, float* __restrict__ mu, float* __restrict__ sigma) {
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; c < C;
+       c += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const ChannelNoise ch = channel_noise(ns, c);
+    mu[c] = ch.mu;
+    sigma[c] = ch.sigma;
+  }
+}
+
+// y = s * bn_forward_value(x) + m
+template <typename scalar_t, typename acc_t>
+struct NoisyForwardOp {
+  using Item = acc_t;
+  const scalar_t* __restrict__ x;
+  scalar_t* __restrict__ y;
+  const acc_t* __restrict__ mean;
+  const acc_t* __restrict__ scale;
+  const acc_t* __restrict__ shift;
+  const float* __restrict__ mu;
+  const float* __restrict__ sigma;
+  NoiseSpec ns;
+  FlatGeometry geo;
+
+  __device__ Item load(int64_t i) const { return to_acc(x[i]); }
+  __device__ void apply(int64_t i, const Item& v, int64_t c) const {
+    const acc_t a = bn_forward_value(v, ChannelAffine<acc_t>{mean[c], scale[c], shift[c]}, false);
+    const ElementNoise e = element_noise(ns, ChannelNoise{mu[c], sigma[c]}, geo.noise_index_of(i, c, ns.period));
+    store(y + i, static_cast<acc_t>(e.s) * a + static_cast<acc_t>(e.m));
+  }
+};
+
+// Backward sums with g = dy * s.
+template <typename scalar_t, typename acc_t>
+struct NoisyGradPolicy {
+  using State = GradSums<acc_t>;
+  struct Item {
+    acc_t x, dy;
+  };
+  struct Channel {
+    acc_t mean;
+    float sigma;
+    int64_t c;
+  };
+  const scalar_t* __restrict__ x;
+  const scalar_t* __restrict__ dy;
+  const acc_t* __restrict__ mean;
+  const float* __restrict__ sigma;
+  NoiseSpec ns;
+  FlatGeometry geo;
+
+  __device__ Channel channel(int64_t c) const { return Channel{mean[c], sigma[c], c}; }
+  __device__ Item load(int64_t i) const { return Item{to_acc(x[i]), to_acc(dy[i])}; }
+  __device__ void accumulate(State& s, const Item& v, const Channel& ch, int64_t i) const {
+    const float sn = noise_scale(ns, ChannelNoise{0.f, ch.sigma}, geo.noise_index_of(i, ch.c, ns.period));
+    const acc_t g = v.dy * static_cast<acc_t>(sn);
+    s.dy += g;
+    s.dy_xc += g * (v.x - ch.mean);
+  }
+};
+
+// Training dx of BatchNorm with g = dy * s.
+template <typename scalar_t, typename acc_t>
+struct NoisyBackwardOp {
+  struct Item {
+    acc_t x, dy;
+  };
+  const scalar_t* __restrict__ x;
+  const scalar_t* __restrict__ dy;
+  scalar_t* __restrict__ dx;
+  const acc_t* __restrict__ mean;
+  const acc_t* __restrict__ scale;
+  const acc_t* __restrict__ mean_dy;
+  const acc_t* __restrict__ proj;
+  const float* __restrict__ sigma;
+  NoiseSpec ns;
+  FlatGeometry geo;
+
+  __device__ Item load(int64_t i) const { return Item{to_acc(x[i]), to_acc(dy[i])}; }
+  __device__ void apply(int64_t i, const Item& v, int64_t c) const {
+    const float sn = noise_scale(ns, ChannelNoise{0.f, sigma[c]}, geo.noise_index_of(i, c, ns.period));
+    const acc_t g = v.dy * static_cast<acc_t>(sn);
+    store(dx + i, bn_backward_train_value(g, v.x, ChannelBackward<acc_t>{mean[c], mean_dy[c], proj[c], scale[c]}));
+  }
+};
+
+// --- l_p statistics ---------------------------------------------------------------------------
+
+template <typename T>
+struct LpState {
+  T sum;               // sum x
+  T pow;               // sum |x|^p (p = 1, 2)
+  MaxAbs<T> max;       // p = inf
+};
+
+template <typename T>
+struct StateOps<LpState<T>> {
+  using State = LpState<T>;
+  static __device__ State identity() { return State{T(0), T(0), maxabs_init<T>()}; }
+  static __device__ State merge(const State& a, const State& b) {
+    return State{a.sum + b.sum, a.pow + b.pow, maxabs_merge(a.max, b.max)};
+  }
+  static __device__ State shfl_down(const State& s, int offset) {
+    return State{__shfl_down_sync(kFullMask, s.sum, offset), __shfl_down_sync(kFullMask, s.pow, offset),
+                 MaxAbs<T>{__shfl_down_sync(kFullMask, s.max.max, offset),
+                           static_cast<int64_t>(__shfl_down_sync(kFullMask, static_cast<long long>(s.max.index), offset))}};
+  }
+};
+
+template <typename scalar_t, typename acc_t, LpKind P>
+struct LpStatsPolicy {
+  using State = LpState<acc_t>;
+  using Item = acc_t;
+  struct Channel {};
+  const scalar_t* __restrict__ x;
+  FlatGeometry geo;
+
+  __device__ Channel channel(int64_t) const { return Channel{}; }
+  __device__ Item load(int64_t i) const { return to_acc(x[i]); }
+  // Each thread sees its channel's values in increasing position, so the strict comparison of
+  // maxabs_update keeps the first arg-max; merges break ties by position.
+  __device__ void accumulate(State& s, const Item& v, const Channel&, int64_t i) const {
+    s.sum += v;
+    if (P == LpKind::kLinf) maxabs_update(s.max, v, geo.position(i));
+    else s.pow += lp_power(v, P);
+  }
+};
+
+template <typename acc_t>
+struct LpStatsFinish {
+  acc_t* mean;
+  acc_t* norm;
+  int64_t* argmax;
+  double M;
+  LpKind p;
+  __device__ void operator()(int64_t c, const LpState<acc_t>& s) const {
+    mean[c] = static_cast<acc_t>(static_cast<double>(s.sum) / M);
+    norm[c] = static_cast<acc_t>(lp_norm_value(p, static_cast<double>(s.pow), static_cast<double>(s.max.max), M));
+    argmax[c] = p == LpKind::kLinf ? s.max.index : -1;
+  }
+};
+
+// invstd := 1 / (N + eps) and scale = w / (N + eps), in fp64 per channel.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+lp_channel_scale_kernel(const acc_t* __restrict__ norm, const acc_t* __restrict__ weight, double eps, int64_t C,
+                        acc_t* __restrict__ invstd_out, acc_t* __restrict__ scale) {
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; c < C;
+       c += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const double inv = 1.0 / (static_cast<double>(norm[c]) + eps);
+    if (invstd_out != nullptr) invstd_out[c] = static_cast<acc_t>(inv);
+    scale[c] = static_cast<acc_t>(static_cast<double>(weight[c]) * inv);
+  }
+}
+
+template <typename acc_t>
+struct LpGradFinish {
+  const acc_t* norm;
+  const acc_t* weight;
+  const int64_t* argmax_in;
+  acc_t* sum_dy;
+  acc_t* sum_dy_xhat;
+  acc_t* mean_dy;  // null in eval
+  acc_t* q;        // null in eval
+  double eps, M;
+  LpKind p;
+  __device__ void operator()(int64_t c, const GradSums<acc_t>& s) const {
+    const double d = static_cast<double>(norm[c]) + eps;
+    sum_dy[c] = s.dy;
+    sum_dy_xhat[c] = static_cast<acc_t>(static_cast<double>(s.dy_xc) / d);
+    if (mean_dy != nullptr) {
+      const LpBackward<acc_t> k = lp_backward_coeffs<acc_t>(p, s.dy, s.dy_xc, norm[c], eps, weight[c], M, argmax_in[c]);
+      mean_dy[c] = k.mean_dy;
+      q[c] = k.q;
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t, LpKind P>
+struct LpBackwardOp {
+  struct Item {
+    acc_t x, dy;
+  };
+  const scalar_t* __restrict__ x;
+  const scalar_t* __restrict__ dy;
+  scalar_t* __restrict__ dx;
+  const acc_t* __restrict__ scale;  // w / (N + eps)
+  const acc_t* __restrict__ mean_dy;
+  const acc_t* __restrict__ q;
+  const int64_t* __restrict__ argmax;
+  FlatGeometry geo;
+
+  __device__ Item load(int64_t i) const { return Item{to_acc(x[i]), to_acc(dy[i])}; }
+  __device__ void apply(int64_t i, const Item& v, int64_t c) const {
+    const int64_t pos = P == LpKind::kLinf ? geo.position(i) : int64_t(-1);
+    const LpBackward<acc_t> k{mean_dy[c], q[c], scale[c], P == LpKind::kLinf ? argmax[c] : int64_t(-1)};
+    store(dx + i, lp_backward_train_value(v.dy, v.x, pos, k, P));
+  }
+};
+
+template <typename F>
+void with_lp_kind(LpKind p, F&& f) {
+  switch (p) {
+    case LpKind::kL1: f(std::integral_constant<LpKind, LpKind::kL1>{}); break;
+    case LpKind::kL2: f(std::integral_constant<LpKind, LpKind::kL2>{}); break;
+    case LpKind::kLinf: f(std::integral_constant<LpKind, LpKind::kLinf>{}); break;
+  }
+}
+
+unsigned channel_blocks(int64_t C) { return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(C, kThreads), 1 << 16))); }
+
+void launch_channel_noise(const NoiseSpec& ns, int64_t C, at::Tensor& mu, at::Tensor& sigma, cudaStream_t stream) {
+  channel_noise_kernel<<<channel_blocks(C), kThreads, 0, stream>>>(ns, C, mu.mutable_data_ptr<float>(),
+                                                                    sigma.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void noisy_forward_impl(const at::Tensor& x, at::Tensor& y, const Geometry& g, double eps, const at::Tensor& weight,
+                        const at::Tensor& bias, at::Tensor& mean, at::Tensor& var, const NoiseSpec& ns) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using dev_t = typename DeviceScalar<scalar_t>::type;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int sms = sm_count(x.device());
+  const dev_t* xp = device_ptr<scalar_t>(x);
+  reduce_and_merge(StatsPolicy<dev_t, acc_t>{xp}, g, x, sms,
+                   StatsFinish<acc_t>{mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>()}, stream);
+  at::Tensor scale = at::empty({g.C}, mean.options());
+  launch_channel_scale<acc_t>(var, weight, eps, nullptr, scale, stream);
+  at::Tensor mu = at::empty({g.C}, x.options().dtype(at::kFloat)), sigma = at::empty_like(mu);
+  launch_channel_noise(ns, g.C, mu, sigma, stream);
+  launch_elementwise(NoisyForwardOp<dev_t, acc_t>{xp, device_ptr_mut<scalar_t>(y), mean.const_data_ptr<acc_t>(),
+                                                  scale.const_data_ptr<acc_t>(), bias.const_data_ptr<acc_t>(),
+                                                  mu.const_data_ptr<float>(), sigma.const_data_ptr<float>(), ns,
+                                                  flat_geometry(g)},
+                     g, sms, stream);
+}
+
+template <typename scalar_t>
+void noisy_backward_impl(const at::Tensor& dy_t, const at::Tensor& x_t, at::Tensor& dx_t, const Geometry& g,
+                         double eps, const at::Tensor& weight, const at::Tensor& mean_t, const at::Tensor& var_t,
+                         at::Tensor& sum_dy, at::Tensor& sum_dy_xhat, const NoiseSpec& ns) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using dev_t = typename DeviceScalar<scalar_t>::type;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int sms = sm_count(x_t.device());
+  const dev_t* x = device_ptr<scalar_t>(x_t);
+  const dev_t* dy = device_ptr<scalar_t>(dy_t);
+  const acc_t* mean = mean_t.const_data_ptr<acc_t>();
+  at::Tensor invstd = at::empty({g.C}, mean_t.options()), scale = at::empty({g.C}, mean_t.options());
+  launch_channel_scale<acc_t>(var_t, weight, eps, invstd.mutable_data_ptr<acc_t>(), scale, stream);
+  at::Tensor mu = at::empty({g.C}, x_t.options().dtype(at::kFloat)), sigma = at::empty_like(mu);
+  launch_channel_noise(ns, g.C, mu, sigma, stream);
+  at::Tensor mean_dy = at::empty({g.C}, mean_t.options()), proj = at::empty({g.C}, mean_t.options());
+  const GradFinish<acc_t> finish{invstd.const_data_ptr<acc_t>(), sum_dy.mutable_data_ptr<acc_t>(),
+                                 sum_dy_xhat.mutable_data_ptr<acc_t>(), mean_dy.mutable_data_ptr<acc_t>(),
+                                 proj.mutable_data_ptr<acc_t>(), static_cast<double>(g.rows())};
+  reduce_and_merge(NoisyGradPolicy<dev_t, acc_t>{x, dy, mean, sigma.const_data_ptr<float>(), ns, flat_geometry(g)},
+                   g, x_t, sms, finish, stream);
+  launch_elementwise(NoisyBackwardOp<dev_t, acc_t>{x, dy, device_ptr_mut<scalar_t>(dx_t), mean,
+                                                   scale.const_data_ptr<acc_t>(), mean_dy.const_data_ptr<acc_t>(),
+                                                   proj.const_data_ptr<acc_t>(), sigma.const_data_ptr<float>(), ns,
+                                                   flat_geometry(g)},
+                     g, sms, stream);
+}
+
+template <typename acc_t>
+void launch_lp_scale(const at::Tensor& norm, const at::Tensor& weight, double eps, acc_t* invstd, at::Tensor& scale,
+                     cudaStream_t stream) {
+  const int64_t C = norm.numel();
+  lp_channel_scale_kernel<acc_t><<<channel_blocks(C), kThreads, 0, stream>>>(
+      norm.const_data_ptr<acc_t>(), weight.const_data_ptr<acc_t>(), eps, C, invstd, scale.mutable_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, LpKind P>
+void lp_forward_impl(const at::Tensor& x, at::Tensor& y, const Geometry& g, bool training, double eps,
+                     const at::Tensor& weight, const at::Tensor& bias, at::Tensor& mean, at::Tensor& norm,
+                     at::Tensor& argmax) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using dev_t = typename DeviceScalar<scalar_t>::type;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int sms = sm_count(x.device());
+  const dev_t* xp = device_ptr<scalar_t>(x);
+  if (training) {
+    reduce_and_merge(LpStatsPolicy<dev_t, acc_t, P>{xp, flat_geometry(g)}, g, x, sms,
+                     LpStatsFinish<acc_t>{mean.mutable_data_ptr<acc_t>(), norm.mutable_data_ptr<acc_t>(),
+                                          argmax.mutable_data_ptr<int64_t>(), static_cast<double>(g.rows()), P},
+                     stream);
+  }
+  at::Tensor scale = at::empty({g.C}, mean.options());
+  launch_lp_scale<acc_t>(norm, weight, eps, nullptr, scale, stream);
+  launch_elementwise(ForwardOp<dev_t, acc_t, false>{xp, device_ptr_mut<scalar_t>(y), mean.const_data_ptr<acc_t>(),
+                                                   scale.const_data_ptr<acc_t>(), bias.const_data_ptr<acc_t>()},
+                     g, sms, stream);
+}
+
+template <typename scalar_t, LpKind P>
+void lp_backward_impl(const at::Tensor& dy_t, const at::Tensor& x_t, at::Tensor& dx_t, const Geometry& g,
+                      bool training, double eps, const at::Tensor& weight, const at::Tensor& bias,
+                      const at::Tensor& mean_t, const at::Tensor& norm_t, const at::Tensor& argmax_t,
+                      at::Tensor& sum_dy, at::Tensor& sum_dy_xhat) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using dev_t = typename DeviceScalar<scalar_t>::type;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int sms = sm_count(x_t.device());
+  const dev_t* x = device_ptr<scalar_t>(x_t);
+  const dev_t* dy = device_ptr<scalar_t>(dy_t);
+  dev_t* dx = device_ptr_mut<scalar_t>(dx_t);
+  const acc_t* mean = mean_t.const_data_ptr<acc_t>();
+  at::Tensor scale = at::empty({g.C}, mean_t.options());
+  launch_lp_scale<acc_t>(norm_t, weight, eps, nullptr, scale, stream);
+  const acc_t* scale_p = scale.const_data_ptr<acc_t>();
+  at::Tensor mean_dy, q;
+  if (training) {
+    mean_dy = at::empty({g.C}, mean_t.options());
+    q = at::empty({g.C}, mean_t.options());
+  }
+  const LpGradFinish<acc_t> finish{norm_t.const_data_ptr<acc_t>(), weight.const_data_ptr<acc_t>(),
+                                   argmax_t.const_data_ptr<int64_t>(), sum_dy.mutable_data_ptr<acc_t>(),
+                                   sum_dy_xhat.mutable_data_ptr<acc_t>(),
+                                   training ? mean_dy.mutable_data_ptr<acc_t>() : nullptr,
+                                   training ? q.mutable_data_ptr<acc_t>() : nullptr, eps,
+                                   static_cast<double>(g.rows()), P};
+  with_bool(!training, [&](auto write_eval) {
+    using Policy = GradPolicy<dev_t, acc_t, false, decltype(write_eval)::value>;
+    reduce_and_merge(Policy{x, dy, dx, mean, scale_p, bias.const_data_ptr<acc_t>()}, g, x_t, sms, finish, stream);
+  });
+  if (!training) return;
+  launch_elementwise(LpBackwardOp<dev_t, acc_t, P>{x, dy, dx, scale_p, mean_dy.const_data_ptr<acc_t>(),
+                                                   q.const_data_ptr<acc_t>(), argmax_t.const_data_ptr<int64_t>(),
+                                                   flat_geometry(g)},
+                     g, sms, stream);
+}
+
+void check_cuda_input(const at::Tensor& input, const char* op) {
+  check_input(input);
+  TORCH_CHECK(input.is_cuda(), "bnext.", op, ": the CUDA kernel got input on ", input.device());
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> noisy_batch_norm_forward_cuda(
+    const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps,
+    const Tensor& seed, at::ArrayRef<double> noise, int64_t noise_channels) {
+  check_cuda_input(input, "noisy_batch_norm");
+  check_channel_arg(weight, "weight", input);
+  check_channel_arg(bias, "bias", input);
+  const NoiseSpec ns = noise_spec(seed, noise, noise_channels, input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  Geometry g;
+  const Tensor x = to_kernel_layout(input, &g);
+  const auto acc = acc_dtype(input.scalar_type());
+  Tensor y = empty_in_layout(x, g);
+  Tensor mean = at::full({g.C}, NAN, input.options().dtype(acc));
+  Tensor var = at::full({g.C}, NAN, input.options().dtype(acc));
+  if (g.numel() == 0) return {y, mean, var};
+  const Tensor w = channel_vector(weight, g.C, acc, input.device(), 1.0);
+  const Tensor b = channel_vector(bias, g.C, acc, input.device(), 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnext_noisy_bn_forward_cuda", [&] {
+    noisy_forward_impl<scalar_t>(x, y, g, eps, w, b, mean, var, ns);
+  });
+  return {y, mean, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor> noisy_batch_norm_backward_cuda(
+    const Tensor& grad_out, const Tensor& input, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, double eps, const Tensor& seed,
+    at::ArrayRef<double> noise, int64_t noise_channels) {
+  check_cuda_input(input, "noisy_batch_norm");
+  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type(),
+              "bnext.noisy_batch_norm backward: grad_out (", grad_out.sizes(), ", ", grad_out.scalar_type(),
+              ") must match input (", input.sizes(), ", ", input.scalar_type(), ")");
+  check_same_device(grad_out, "grad_out", input);
+  check_channel_arg(mean, "mean", input);
+  check_channel_arg(var, "var", input);
+  check_channel_arg(weight, "weight", input);
+  check_channel_arg(bias, "bias", input);
+  const NoiseSpec ns = noise_spec(seed, noise, noise_channels, input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  Geometry g;
+  const Tensor x = to_kernel_layout(input, &g);
+  const Tensor dy = match_layout(grad_out, g);
+  const auto acc = acc_dtype(input.scalar_type());
+  Tensor dx = empty_in_layout(x, g);
+  Tensor sum_dy = at::zeros({g.C}, input.options().dtype(acc));
+  Tensor sum_dy_xhat = at::zeros({g.C}, input.options().dtype(acc));
+  if (g.numel() == 0) return {dx, sum_dy, sum_dy_xhat};
+  const Tensor w = channel_vector(weight, g.C, acc, input.device(), 1.0);
+  const Tensor m = mean.to(acc).contiguous();
+  const Tensor v = var.to(acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnext_noisy_bn_backward_cuda", [&] {
+    noisy_backward_impl<scalar_t>(dy, x, dx, g, eps, w, m, v, sum_dy, sum_dy_xhat, ns);
+  });
+  return {dx, sum_dy, sum_dy_xhat};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lp_norm_forward_cuda(
+    const Tensor& input, double p, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_norm, bool training, double eps) {
+  check_cuda_input(input, "lp_norm");
+  check_channel_arg(weight, "weight", input);
+  check_channel_arg(bias, "bias", input);
+  check_channel_arg(running_mean, "running_mean", input);
+  check_channel_arg(running_norm, "running_norm", input);
+  const LpKind kind = lp_kind(p);
+  const c10::cuda::CUDAGuard guard(input.device());
+  Geometry g;
+  const Tensor x = to_kernel_layout(input, &g);
+  const auto acc = acc_dtype(input.scalar_type());
+  Tensor y = empty_in_layout(x, g);
+  Tensor mean, norm;
+  Tensor argmax = at::full({g.C}, -1, input.options().dtype(at::kLong));
+  if (training) {
+    mean = at::full({g.C}, NAN, input.options().dtype(acc));
+    norm = at::full({g.C}, NAN, input.options().dtype(acc));
+  } else {
+    TORCH_CHECK(running_mean.has_value() && running_norm.has_value(),
+                "bnext.lp_norm: running_mean and running_norm are required when training=False");
+    mean = running_mean->to(acc).clone().contiguous();
+    norm = running_norm->to(acc).clone().contiguous();
+  }
+  if (g.numel() == 0) return {y, mean, norm, argmax};
+  const Tensor w = channel_vector(weight, g.C, acc, input.device(), 1.0);
+  const Tensor b = channel_vector(bias, g.C, acc, input.device(), 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnext_lp_norm_forward_cuda", [&] {
+    with_lp_kind(kind, [&](auto P) {
+      lp_forward_impl<scalar_t, decltype(P)::value>(x, y, g, training, eps, w, b, mean, norm, argmax);
+    });
+  });
+  return {y, mean, norm, argmax};
+}
+
+std::tuple<Tensor, Tensor, Tensor> lp_norm_backward_cuda(
+    const Tensor& grad_out, const Tensor& input, double p, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& norm, const Tensor& argmax, bool training,
+    double eps) {
+  check_cuda_input(input, "lp_norm");
+  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type(),
+              "bnext.lp_norm backward: grad_out (", grad_out.sizes(), ", ", grad_out.scalar_type(),
+              ") must match input (", input.sizes(), ", ", input.scalar_type(), ")");
+  check_same_device(grad_out, "grad_out", input);
+  check_channel_arg(mean, "mean", input);
+  check_channel_arg(norm, "norm", input);
+  check_channel_arg(weight, "weight", input);
+  check_channel_arg(bias, "bias", input);
+  TORCH_CHECK(argmax.dim() == 1 && argmax.size(0) == input.size(1) && argmax.scalar_type() == at::kLong,
+              "bnext.lp_norm backward: argmax must be an int64 tensor with one value per channel");
+  check_same_device(argmax, "argmax", input);
+  const LpKind kind = lp_kind(p);
+  const c10::cuda::CUDAGuard guard(input.device());
+  Geometry g;
+  const Tensor x = to_kernel_layout(input, &g);
+  const Tensor dy = match_layout(grad_out, g);
+  const auto acc = acc_dtype(input.scalar_type());
+  Tensor dx = empty_in_layout(x, g);
+  Tensor sum_dy = at::zeros({g.C}, input.options().dtype(acc));
+  Tensor sum_dy_xhat = at::zeros({g.C}, input.options().dtype(acc));
+  if (g.numel() == 0) return {dx, sum_dy, sum_dy_xhat};
+  const Tensor w = channel_vector(weight, g.C, acc, input.device(), 1.0);
+  const Tensor b = channel_vector(bias, g.C, acc, input.device(), 0.0);
+  const Tensor m = mean.to(acc).contiguous();
+  const Tensor n = norm.to(acc).contiguous();
+  const Tensor am = argmax.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnext_lp_norm_backward_cuda", [&] {
+    with_lp_kind(kind, [&](auto P) {
+      lp_backward_impl<scalar_t, decltype(P)::value>(dy, x, dx, g, training, eps, w, b, m, n, am, sum_dy, sum_dy_xhat);
     });
   });
   return {dx, sum_dy, sum_dy_xhat};
