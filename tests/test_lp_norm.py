@@ -1,0 +1,308 @@
+"""bnext.lp_norm and bnext.nn.LpNorm*: parity with an fp64 composite of torch ops, exact gradients
+(including the p=inf subgradient at ties), running stats, torch.library integration, bad input."""
+import math
+
+import pytest
+import torch
+
+import bnext
+from bnext import nn as bnn
+from bnext.ops import lp_norm_reference
+
+ops = torch.ops.bnext
+PS = [1, 2, math.inf]
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4),
+       torch.float16: (2e-2, 2e-2), torch.bfloat16: (8e-2, 8e-2)}
+
+
+def make_input(shape, dtype, layout, scale=3.0, shift=1.5):
+    x = (torch.randn(shape, dtype=torch.float64) * scale + shift).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    elif layout == "slice":
+        big = (torch.randn(*shape[:-1], shape[-1] * 2, dtype=torch.float64) * scale + shift).to(dtype)
+        x = big[..., ::2]
+    return x
+
+
+def ref_norm(x, p):
+    """N_p per channel in fp64, p=inf read at the first arg-max (torch.argmax's choice)."""
+    flat = x.double().movedim(1, 0).reshape(x.shape[1], -1)
+    if p == 1:
+        return flat.abs().mean(1)
+    if p == 2:
+        return flat.square().mean(1).sqrt()
+    return flat.abs().amax(1)
+
+
+CASES = [((4, 3), "contiguous"), ((5, 1, 7), "contiguous"), ((3, 4, 5, 6), "contiguous"),
+         ((3, 4, 5, 6), "channels_last"), ((3, 4, 5, 6), "slice"), ((2, 3, 3, 4, 5), "channels_last"),
+         ((1, 3, 4, 4), "contiguous")]
+
+
+@pytest.mark.parametrize("p", PS)
+@pytest.mark.parametrize("shape,layout", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_parity_with_composite(p, shape, layout, dtype, training):
+    C = shape[1]
+    x = make_input(shape, dtype, layout).requires_grad_()
+    pdtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    w = (torch.rand(C, dtype=pdtype) + 0.5).requires_grad_()
+    b = torch.randn(C, dtype=pdtype).requires_grad_()
+    rm, rn = torch.randn(C, dtype=pdtype), torch.rand(C, dtype=pdtype) + 0.5
+    rm0, rn0 = rm.clone(), rn.clone()
+    y = bnext.lp_norm(x, p, rm, rn, w, b, training=training, momentum=0.1)
+    xd, wd, bd = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    yr = lp_norm_reference(xd, p, wd, bd, rm0.double(), rn0.double(), None, training, 1e-5)
+    rtol, atol = TOL[dtype]
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), yr, rtol=rtol, atol=atol)
+    if training:
+        dims = [0] + list(range(2, x.dim()))
+        torch.testing.assert_close(rm.double(), 0.9 * rm0.double() + 0.1 * x.detach().double().mean(dims),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rn.double(), 0.9 * rn0.double() + 0.1 * ref_norm(x.detach(), p),
+                                   rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(rm, rm0) and torch.equal(rn, rn0)
+    g = torch.randn(shape, dtype=torch.float64)
+    got = torch.autograd.grad(y, (x, w, b), g.to(dtype))
+    want = torch.autograd.grad(yr, (xd, wd, bd), g)
+    scale = 1 if dtype in (torch.float64, torch.float32) else 3
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a.double(), r, rtol=rtol * scale, atol=atol * scale * max(1.0, r.abs().max().item()))
+
+
+@pytest.mark.parametrize("p", PS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(4, 3, 3, 3), (5, 2, 4), (6, 3)])
+def test_gradcheck_and_gradgradcheck(p, training, shape):
+    C = shape[1]
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).requires_grad_()
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(C, dtype=torch.float64).requires_grad_()
+    rm, rn = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
+    fn = lambda x, w, b: bnext.lp_norm(x, p, None if training else rm, None if training else rn, w, b, training)
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_linf_subgradient_at_ties_goes_to_first_argmax(layout):
+    """p=inf, several elements attain max |x| (with both signs): the gradient of the max goes to the
+    first of them in logical NCHW order, for both memory layouts."""
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    x[0, 0, 1, 2], x[1, 0, 0, 0], x[2, 0, 3, 3] = -5.0, 5.0, 5.0   # channel 0: first is (0, 1, 2), negative
+    x[1, 1, 2, 1], x[1, 1, 2, 3], x[0, 1, 3, 0] = 7.0, -7.0, 7.0   # channel 1: first is (0, 3, 0)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.tensor([1.5, 0.7], dtype=torch.float64)
+    y = bnext.lp_norm(x, math.inf, None, None, w, None, training=True)
+    g = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, g)
+    # Reference: the norm read at the first arg-max only (gather at torch.argmax's first index).
+    xd = x.detach().clone().requires_grad_()
+    flat = xd.movedim(1, 0).reshape(2, -1)
+    idx = flat.abs().argmax(1)
+    assert idx.tolist() == [1 * 4 + 2, 3 * 4 + 0]
+    yr = lp_norm_reference(xd, math.inf, w, None, None, None, idx, True, 1e-5)
+    (dxr,) = torch.autograd.grad(yr, xd, g)
+    torch.testing.assert_close(dx, dxr, rtol=1e-12, atol=1e-12)
+    # The other tied elements get only the mean/affine part, like every non-maximal element.
+    dims = (0, 2, 3)
+    plain = (g - g.mean(dims, keepdim=True)) * (w / (5.0 + 1e-5)).view(1, 2, 1, 1)
+    torch.testing.assert_close(dx[1, 0, 0, 0], plain[1, 0, 0, 0])
+    assert not torch.allclose(dx[0, 0, 1, 2], plain[0, 0, 1, 2])
+
+
+def test_p1_subgradient_at_zero_and_p2_zero_channel():
+    x = torch.randn(4, 2, 5, dtype=torch.float64)
+    x[:, 0, 0] = 0.0
+    x[:, 1] = 0.0  # an all-zero channel: N = 0 for every p
+    for p in (1, 2):
+        xr = x.clone().requires_grad_()
+        y = bnext.lp_norm(xr, p, None, None, training=True)
+        g = torch.randn_like(y)
+        (dx,) = torch.autograd.grad(y, xr, g)
+        xd = x.clone().requires_grad_()
+        yr = lp_norm_reference(xd, p, None, None, None, None, None, True, 1e-5)
+        (dxr,) = torch.autograd.grad(yr, xd, g)
+        torch.testing.assert_close(dx[:, 0], dxr[:, 0])  # torch: d|x|/dx = 0 at 0
+        # zero channel: the norm contributes nothing, dx = (g - mean g) / eps
+        torch.testing.assert_close(dx[:, 1], (g[:, 1] - g[:, 1].mean()) / 1e-5)
+
+
+def test_large_mean_numerics():
+    x = torch.randn(64, 4, 8, 8, dtype=torch.float64) + 1e4
+    for p in PS:
+        y = bnext.lp_norm(x.float(), p, None, None, training=True)
+        yr = lp_norm_reference(x, p, None, None, None, None, None, True, 1e-5)
+        torch.testing.assert_close(y.double(), yr, rtol=1e-3, atol=2e-7)
+
+
+def test_results_do_not_depend_on_thread_count():
+    for layout in ("contiguous", "channels_last"):
+        x = make_input((32, 16, 9, 9), torch.float32, layout).requires_grad_()
+        g = torch.randn_like(x)
+        for p in PS:
+            outs = []
+            old = torch.get_num_threads()
+            try:
+                for n in (1, 2):
+                    torch.set_num_threads(n)
+                    y = bnext.lp_norm(x, p, None, None, training=True)
+                    outs.append((y, *torch.autograd.grad(y, x, g)))
+            finally:
+                torch.set_num_threads(old)
+            for a, b in zip(*outs):
+                assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("p", PS)
+@pytest.mark.parametrize("shape,layout", [((4, 3, 5, 5), "contiguous"), ((4, 3, 5, 5), "channels_last"),
+                                          ((6, 4), "contiguous")])
+@pytest.mark.parametrize("training", [True, False])
+def test_opcheck(p, shape, layout, training):
+    C = shape[1]
+    x = make_input(shape, torch.float32, layout).requires_grad_()
+    w = torch.rand(C).add_(0.5).requires_grad_()
+    b = torch.randn(C).requires_grad_()
+    rm, rn = torch.randn(C), torch.rand(C) + 0.5
+    torch.library.opcheck(ops.lp_norm_forward, (x, float(p), w, b, rm, rn, training, 1e-5))
+    _, mean, norm, argmax = ops.lp_norm_forward(x, float(p), w, b, rm, rn, training, 1e-5)
+    g = make_input(shape, torch.float32, layout)
+    torch.library.opcheck(ops.lp_norm_backward, (g, x.detach(), float(p), w.detach(), b.detach(), mean, norm,
+                                                 argmax, training, 1e-5))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), bnn.LpNorm2d(8, 1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 3), bnn.LpNorm2d(4, math.inf))
+    ref = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), bnn.LpNorm2d(8, 1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 4, 3), bnn.LpNorm2d(4, math.inf))
+    ref.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(4, 3, 8, 8)
+    y, yr = compiled(x), ref(x)
+    torch.testing.assert_close(y, yr, rtol=1e-4, atol=1e-4)
+    y.sum().backward()
+    yr.sum().backward()
+    torch.testing.assert_close(model[0].weight.grad, ref[0].weight.grad, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(model[1].running_norm, ref[1].running_norm)
+    model.eval(), ref.eval()
+    torch.testing.assert_close(compiled(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_vmap_batching_rule_and_grad():
+    B, N, C = 3, 4, 5
+    xs = torch.randn(B, N, C, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(C, dtype=torch.float64, requires_grad=True)
+    rm, rn = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
+    for p in PS:
+        for training, run in [(True, (None, None)), (False, (rm, rn))]:
+            out = torch.func.vmap(lambda x: bnext.lp_norm(x, p, *run, w, None, training))(xs)
+            ref = torch.stack([bnext.lp_norm(x, p, *run, w, None, training) for x in xs])
+            torch.testing.assert_close(out, ref)
+            g = torch.randn_like(out)
+            for a, r in zip(torch.autograd.grad(out, (xs, w), g), torch.autograd.grad(ref, (xs, w), g)):
+                torch.testing.assert_close(a, r)
+    with torch.autograd.profiler.profile() as prof:
+        torch.func.vmap(lambda x: bnext.lp_norm(x, 2, None, None, training=True))(xs.detach())
+    assert sum(1 for e in prof.function_events if e.name == "bnext::lp_norm_forward") <= 2
+    with pytest.raises(RuntimeError, match="running_mean/running_norm inside torch.func.vmap"):
+        torch.func.vmap(lambda x: bnext.lp_norm(x, 2, rm, rn, training=True))(xs.detach())
+
+
+def test_module_state_and_modes():
+    m = bnn.LpNorm2d(3, "inf", momentum=None)
+    assert set(m.state_dict()) == {"weight", "bias", "running_mean", "running_norm", "num_batches_tracked"}
+    x = torch.randn(4, 3, 5, 5)
+    for _ in range(3):
+        m(x)
+    assert m.num_batches_tracked.item() == 3
+    torch.testing.assert_close(m.running_norm, ref_norm(x, math.inf).float())  # cumulative average of equal values
+    m.eval()
+    y = m(x)
+    torch.testing.assert_close(y, bnext.lp_norm(x, math.inf, m.running_mean, m.running_norm, m.weight, m.bias))
+    m2 = bnn.LpNorm1d(3, 1, track_running_stats=False, affine=False)
+    assert m2.running_mean is None and m2.weight is None
+    m2.eval()
+    x6 = torch.randn(6, 3)  # no running stats: batch statistics in eval too, as torch's BatchNorm
+    torch.testing.assert_close(m2(x6), lp_norm_reference(x6, 1, None, None, None, None, None, True, 1e-5))
+    with pytest.raises(ValueError, match="4D"):
+        bnn.LpNorm2d(3, 2)(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="p must be"):
+        bnn.LpNorm2d(3, 3)
+
+
+BAD = [
+    ("input", dict(input=torch.randn(5)), ValueError, "input must have shape"),
+    ("input", dict(input=torch.ones(4, 3, dtype=torch.int64)), TypeError, "input must be float"),
+    ("p", dict(p=3), ValueError, "p must be 1, 2 or inf"),
+    ("p", dict(p="two"), ValueError, "p must be 1, 2 or inf"),
+    ("running_mean", dict(running_mean=torch.zeros(4)), ValueError, "running_mean must have shape"),
+    ("running_norm", dict(running_norm=torch.ones(3, 1)), ValueError, "running_norm must have shape"),
+    ("weight", dict(weight=torch.ones(2)), ValueError, "weight must have shape"),
+    ("bias", dict(bias=torch.ones(3, dtype=torch.float64)), TypeError, "bias must have dtype"),
+    ("one value", dict(input=torch.randn(1, 3)), ValueError, "more than 1 value per channel"),
+    ("eval", dict(training=False, running_mean=None, running_norm=None), ValueError, "required when training=False"),
+    ("pair", dict(running_norm=None), ValueError, "both be given"),
+    ("eps", dict(eps=-1.0), ValueError, "eps must be"),
+    ("momentum", dict(momentum=1.5), ValueError, "momentum must be"),
+]
+
+
+@pytest.mark.parametrize("what,override,exc,match", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input(what, override, exc, match):
+    args = dict(input=torch.randn(4, 3, 5), p=2, running_mean=torch.zeros(3), running_norm=torch.ones(3),
+                weight=torch.ones(3), bias=torch.zeros(3), training=True, momentum=0.1, eps=1e-5)
+    args.update(override)
+    with pytest.raises(exc, match=match):
+        bnext.lp_norm(**args)
+
+
+def test_direct_op_call_gives_python_error_not_crash():
+    with pytest.raises(RuntimeError, match="p must be 1, 2 or inf"):
+        ops.lp_norm_forward(torch.randn(4, 3, 2), 3.0, None, None, None, None, True, 1e-5)
+    with pytest.raises(RuntimeError, match="running_mean and running_norm are required"):
+        ops.lp_norm_forward(torch.randn(4, 3, 2), 2.0, None, None, None, None, False, 1e-5)
+    with pytest.raises(RuntimeError, match="argmax must be"):
+        ops.lp_norm_backward(torch.randn(4, 3, 2), torch.randn(4, 3, 2), 2.0, None, None, torch.zeros(3),
+                             torch.ones(3), torch.zeros(2, dtype=torch.long), True, 1e-5)
+
+
+@pytest.mark.parametrize("to", ["bn", "noisy_bn", "l1", "l2", "linf", "none", "torch"])
+def test_convert_targets_keep_state(to):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(36, 5), torch.nn.BatchNorm1d(5))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 2)
+        model[1].bias.normal_()
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2)
+    before = {k: v.clone() for k, v in model[1].state_dict().items()}
+    model.eval()
+    out = bnext.nn.convert(model, to=to)
+    assert out is model
+    layer = model[1]
+    if to == "none":
+        assert isinstance(layer, torch.nn.Identity) and isinstance(model[5], torch.nn.Identity)
+    else:
+        assert not layer.training
+        for k in ("weight", "bias", "running_mean", "num_batches_tracked"):
+            assert torch.equal(layer.state_dict()[k], before[k])
+        if to in ("bn", "noisy_bn", "torch"):
+            assert torch.equal(layer.running_var, before["running_var"])
+        else:
+            assert torch.equal(layer.running_norm, torch.ones(4)) and layer.p == {"l1": 1, "l2": 2, "linf": math.inf}[to]
+    model.train()
+    y = model(torch.randn(6, 3, 5, 5))
+    y.sum().backward()
+    # and back to torch's BatchNorm, keeping the affine parameters
+    if to != "none":
+        back = bnext.nn.convert(model, to="torch")
+        assert type(back[1]) is torch.nn.BatchNorm2d and type(back[5]) is torch.nn.BatchNorm1d
+        assert torch.equal(back[1].weight.detach(), before["weight"])
