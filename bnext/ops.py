@@ -372,13 +372,13 @@ def _noisy_bn_backward_vmap(info, in_dims, grad_out, input, weight, bias, mean, 
 
 
 def draw_seed(generator: Optional[torch.Generator] = None) -> Tensor:
-    """A 0-d int64 CPU tensor of 63 random bits from `generator` (default: torch's default CPU
-    generator), the key of the noise of one noisy_batch_norm call. Advances the generator once,
-    so torch.manual_seed reproduces the sequence of noises, whatever device the input is on."""
+    """A 0-d int64 CPU tensor of 62 random bits from `generator` (default: torch's default CPU
+    generator), the key of the noise of one noisy_batch_norm call. Advances the generator, so
+    torch.manual_seed reproduces the sequence of noises, whatever device the input is on.
+    (Under torch.compile the compiled graph draws it with its own random-number generator.)"""
     if generator is None:
-        return torch.empty((), dtype=torch.int64).random_()
-    seed = torch.empty((), dtype=torch.int64, device=generator.device).random_(generator=generator)
-    return seed.cpu()
+        return torch.randint(0, 2 ** 62, (), dtype=torch.int64)
+    return torch.randint(0, 2 ** 62, (), dtype=torch.int64, generator=generator, device=generator.device).cpu()
 
 
 def _check_noise_args(op, noise_mean, noise_std, noise_mean_spread, noise_std_spread):

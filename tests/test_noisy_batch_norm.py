@@ -1,0 +1,299 @@
+"""bnext.noisy_batch_norm and bnext.nn.NoisyBatchNorm*: the noise (a pure-Python Philox reference,
+reproducibility, layouts, distribution), exact gradients at a fixed seed, torch.library integration."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnext
+from bnext import nn as bnn
+from bnext.ops import draw_seed, noisy_batch_norm_noise
+
+ops = torch.ops.bnext
+PAPER = [0.5, 1.25, 0.1, 0.1]
+
+
+def philox4x32_10(ctr, key):
+    """Random123's philox4x32_10 on numpy uint64 arrays (each word < 2^32)."""
+    M0, M1, W0, W1, mask = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85, 0xFFFFFFFF
+    c0, c1, c2, c3 = [np.asarray(c, dtype=np.uint64) for c in ctr]
+    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
+    for _ in range(10):
+        p0, p1 = np.uint64(M0) * c0, np.uint64(M1) * c2
+        c0, c1, c2, c3 = ((p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & np.uint64(mask),
+                          (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & np.uint64(mask))
+        k0, k1 = (k0 + np.uint64(W0)) & np.uint64(mask), (k1 + np.uint64(W1)) & np.uint64(mask)
+    return c0, c1, c2, c3
+
+
+def test_python_philox_matches_random123_known_answers():
+    # Known-answer vectors of Random123 (kat_vectors, philox4x32_10).
+    out = philox4x32_10([0, 0, 0, 0], [0, 0])
+    assert [int(v) for v in out] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    out = philox4x32_10([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0])
+    assert [int(v) for v in out] == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+def reference_noise(seed, shape, noise=PAPER):
+    """The documented noise (csrc/common/noise.h) in float64 from the Python Philox."""
+    N, C, S = shape[0], shape[1], int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    key = (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)
+    u = lambda r: (r >> np.uint64(8)).astype(np.float64) * 2.0 ** -24
+    c = np.arange(C, dtype=np.uint64)
+    r = philox4x32_10([c, np.zeros_like(c), np.ones_like(c), np.zeros_like(c)], key)
+    mu = noise[0] * (2 * u(r[0]) - 1)
+    sigma = 1 + (noise[1] - 1) * u(r[1])
+    i = np.arange(N * C * S, dtype=np.uint64)
+    z0 = np.zeros_like(i)
+    r = philox4x32_10([i, z0, z0, z0], key)
+    u1 = ((r[0] >> np.uint64(8)) + np.uint64(1)).astype(np.float64) * 2.0 ** -24
+    z = np.sqrt(-2 * np.log(u1)) * np.cos(2 * np.pi * u(r[1]))
+    ch = (np.arange(N * C * S) // S) % C
+    s = sigma[ch] + noise[3] * z
+    m = mu[ch] + noise[2] * (2 * u(r[2]) - 1)
+    return torch.from_numpy(s.reshape(shape)), torch.from_numpy(m.reshape(shape))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_kernel_noise_matches_the_documented_formula(layout):
+    shape = (3, 5, 4, 6)
+    seed = torch.tensor(0x1234_5678_9ABC_DEF1 & (2 ** 63 - 1))
+    x = torch.randn(shape, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    s, m = noisy_batch_norm_noise(x, seed, PAPER)
+    s_ref, m_ref = reference_noise(int(seed), shape)
+    torch.testing.assert_close(m, m_ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=2e-6)
+
+
+def test_output_is_bn_times_s_plus_m():
+    x = torch.randn(8, 3, 5, 5, dtype=torch.float64)
+    w, b = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(7)
+    y = bnext.noisy_batch_norm(x, None, None, w, b, training=True, generator=gen)
+    seed = draw_seed(torch.Generator().manual_seed(7))
+    s, m = noisy_batch_norm_noise(x, seed, PAPER)
+    a = F.batch_norm(x, None, None, w, b, True)
+    torch.testing.assert_close(y, s * a + m, rtol=1e-12, atol=1e-12)
+
+
+def test_reproducible_new_each_call_and_layout_independent():
+    x = torch.randn(6, 4, 5, 5)
+    torch.manual_seed(3)
+    y1, y2 = bnext.noisy_batch_norm(x, None, None, training=True), bnext.noisy_batch_norm(x, None, None, training=True)
+    torch.manual_seed(3)
+    y1b = bnext.noisy_batch_norm(x, None, None, training=True)
+    y2b = bnext.noisy_batch_norm(x.to(memory_format=torch.channels_last), None, None, training=True)
+    assert torch.equal(y1, y1b)
+    assert not torch.allclose(y1, y2)
+    torch.testing.assert_close(y2, y2b, rtol=1e-6, atol=1e-6)
+    # eval: plain BatchNorm, no noise
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    torch.testing.assert_close(bnext.noisy_batch_norm(x, rm, rv, training=False), F.batch_norm(x, rm, rv))
+
+
+def test_distribution_matches_the_specification():
+    """Over many channels and values: channel means/scales uniform on the right intervals, per-element
+    spreads with the right widths. Tolerances are a few standard errors; a wrong constant (e.g. a
+    variance used as a standard deviation, or a half-width used as a width) fails."""
+    N, C, S = 64, 2048, 16
+    x = torch.zeros(N, C, S, dtype=torch.float64)
+    s, m = noisy_batch_norm_noise(x, torch.tensor(12345), PAPER)
+    mu_c, sigma_c = m.mean((0, 2)), s.mean((0, 2))
+    # mu_c ~ U(-0.5, 0.5): mean 0, var 1/12, support inside [-0.5, 0.5]
+    assert abs(mu_c.mean()) < 4 * math.sqrt(1 / 12 / C) + 0.01
+    assert abs(mu_c.var() - 1 / 12) < 0.01
+    assert mu_c.min() > -0.5 - 0.01 and mu_c.max() < 0.5 + 0.01 and mu_c.min() < -0.45 and mu_c.max() > 0.45
+    # sigma_c ~ U(1, 1.25): mean 1.125, var 0.25^2 / 12
+    assert abs(sigma_c.mean() - 1.125) < 0.005
+    assert abs(sigma_c.var() / (0.25 ** 2 / 12) - 1) < 0.1
+    # within a channel: m - mu_c ~ U(-0.1, 0.1) (var 0.04/12, |.| <= 0.1); s - sigma_c ~ N(0, 0.1^2)
+    dm = m - m.mean((0, 2), keepdim=True)
+    ds = s - s.mean((0, 2), keepdim=True)
+    assert abs(dm.var() / (0.2 ** 2 / 12) - 1) < 0.02
+    assert dm.abs().max() < 0.1 + 0.01
+    assert abs(ds.std() / 0.1 - 1) < 0.01
+    kurt = (ds ** 4).mean() / ds.var() ** 2
+    assert abs(kurt - 3) < 0.05  # Gaussian, not uniform (1.8)
+    # non-default constants are honoured
+    s2, m2 = noisy_batch_norm_noise(x[:8], torch.tensor(5), [2.0, 3.0, 0.5, 0.3])
+    assert abs(m2.mean((0, 2)).var() / (4.0 ** 2 / 12) - 1) < 0.1
+    assert abs(s2.mean((0, 2)).mean() - 2.0) < 0.05
+    assert abs((s2 - s2.mean((0, 2), keepdim=True)).std() / 0.3 - 1) < 0.02
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 3, 3), (6, 3), (5, 2, 4)])
+def test_gradcheck_at_fixed_seed(shape):
+    C = shape[1]
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).requires_grad_()
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(C, dtype=torch.float64).requires_grad_()
+    seed = torch.tensor(99)
+    fn = lambda x, w, b: ops.noisy_batch_norm_forward(x, w, b, 1e-5, seed, PAPER, C)[0]
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+    # and through the public API with a generator reset to the same state each call
+    g = torch.Generator()
+    api = lambda x, w, b: bnext.noisy_batch_norm(x, None, None, w, b, True, generator=g.manual_seed(1))
+    assert torch.autograd.gradcheck(api, (x, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "slice"])
+def test_gradients_match_composite_all_dtypes(dtype, layout):
+    shape = (4, 3, 6, 5)
+    base = torch.randn(shape[0], shape[1], shape[2], shape[3] * 2, dtype=torch.float64) * 2 + 1
+    x = base[..., ::2] if layout == "slice" else base[..., :shape[3]].contiguous()
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x = x.to(dtype).requires_grad_()
+    pdtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    w = (torch.rand(3, dtype=pdtype) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=pdtype).requires_grad_()
+    rm, rv = torch.zeros(3, dtype=pdtype), torch.ones(3, dtype=pdtype)
+    gen = torch.Generator().manual_seed(11)
+    y = bnext.noisy_batch_norm(x, rm, rv, w, b, True, 0.1, generator=gen)
+    s, m = noisy_batch_norm_noise(x.detach().double(), draw_seed(torch.Generator().manual_seed(11)), PAPER)
+    xd, wd, bd = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    rmd, rvd = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    yr = s * F.batch_norm(xd, rmd, rvd, wd, bd, True, 0.1) + m
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 1.5e-1}[dtype]
+    torch.testing.assert_close(y.double(), yr, rtol=tol, atol=tol)
+    torch.testing.assert_close(rm.double(), rmd, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rv.double(), rvd, rtol=1e-5, atol=1e-6)
+    g = torch.randn(shape, dtype=torch.float64)
+    for a, r in zip(torch.autograd.grad(y, (x, w, b), g.to(dtype)), torch.autograd.grad(yr, (xd, wd, bd), g)):
+        torch.testing.assert_close(a.double(), r, rtol=tol * 3, atol=tol * 3 * max(1.0, r.abs().max().item()))
+
+
+def test_nothing_input_sized_is_saved_for_backward():
+    x = torch.randn(16, 8, 32, 32, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = bnext.noisy_batch_norm(x, None, None, training=True)
+    big = [t for t in saved if t.numel() >= x.numel() and t.data_ptr() != x.data_ptr()]
+    assert big == [], "the noise must be regenerated in backward, not stored"
+    y.sum().backward()
+
+
+def test_results_do_not_depend_on_thread_count():
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(32, 16, 9, 9).contiguous(memory_format=layout).requires_grad_()
+        g = torch.randn_like(x)
+        outs, old = [], torch.get_num_threads()
+        try:
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                y = bnext.noisy_batch_norm(x, None, None, training=True, generator=torch.Generator().manual_seed(0))
+                outs.append((y, *torch.autograd.grad(y, x, g)))
+        finally:
+            torch.set_num_threads(old)
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape,layout", [((4, 3, 5, 5), "contiguous"), ((4, 3, 5, 5), "channels_last"),
+                                          ((6, 4), "contiguous")])
+def test_opcheck(shape, layout):
+    C = shape[1]
+    x = torch.randn(shape)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w, b = torch.rand(C).add_(0.5).requires_grad_(), torch.randn(C).requires_grad_()
+    seed = torch.tensor(5)
+    torch.library.opcheck(ops.noisy_batch_norm_forward, (x, w, b, 1e-5, seed, PAPER, C))
+    _, mean, var = ops.noisy_batch_norm_forward(x, w, b, 1e-5, seed, PAPER, C)
+    torch.library.opcheck(ops.noisy_batch_norm_backward, (torch.randn_like(x), x.detach(), w.detach(), b.detach(),
+                                                          mean, var, 1e-5, seed, PAPER, C))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), bnn.NoisyBatchNorm2d(8), torch.nn.ReLU())
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(4, 3, 8, 8)
+    y = compiled(x)  # training: noisy (the compiled graph draws its own seed)
+    assert y.shape == (4, 8, 8, 8) and torch.isfinite(y).all()
+    y.sum().backward()
+    assert torch.isfinite(model[0].weight.grad).all()
+    model.eval()
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_vmap_same_randomness_gives_each_problem_its_own_noise():
+    B, N, C = 3, 4, 5
+    xs = torch.randn(B, N, C, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(C, dtype=torch.float64, requires_grad=True)
+    seed = torch.tensor(21)
+    f = lambda x: ops.noisy_batch_norm_forward(x, w, None, 1e-5, seed, PAPER, C)[0]
+    out = torch.func.vmap(f)(xs)
+    ref = torch.stack([f(x) for x in xs])
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    for a, r in zip(torch.autograd.grad(out, (xs, w), g), torch.autograd.grad(ref, (xs, w), g)):
+        torch.testing.assert_close(a, r)
+    # through the public API (the seed is drawn inside vmap: randomness="same")
+    torch.manual_seed(0)
+    out = torch.func.vmap(lambda x: bnext.noisy_batch_norm(x, None, None, w, None, True), randomness="same")(xs)
+    torch.manual_seed(0)
+    ref0 = bnext.noisy_batch_norm(xs[0], None, None, w, None, True)
+    torch.testing.assert_close(out[0], ref0)
+
+
+def test_module():
+    m = bnn.NoisyBatchNorm2d(4, noise_std_spread=0.2)
+    assert isinstance(m, torch.nn.BatchNorm2d)
+    assert set(m.state_dict()) == set(torch.nn.BatchNorm2d(4).state_dict())
+    x = torch.randn(8, 4, 5, 5)
+    torch.manual_seed(0)
+    y = m(x)
+    torch.manual_seed(0)
+    y2 = bnext.noisy_batch_norm(x, torch.zeros(4), torch.ones(4), m.weight, m.bias, True, noise_std_spread=0.2)
+    torch.testing.assert_close(y, y2)
+    m.eval()
+    torch.testing.assert_close(m(x), F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias))
+    with pytest.raises(ValueError, match="noise_std must be >= 1"):
+        bnn.NoisyBatchNorm1d(3, noise_std=0.5)
+
+
+BAD = [
+    ("input", dict(input=torch.randn(5)), ValueError, "input must have shape"),
+    ("input", dict(input=torch.ones(4, 3, dtype=torch.int64)), TypeError, "input must be float"),
+    ("running_var", dict(running_var=torch.ones(4)), ValueError, "running_var must have shape"),
+    ("weight", dict(weight=torch.ones(2)), ValueError, "weight must have shape"),
+    ("noise_mean", dict(noise_mean=-1.0), ValueError, "noise_mean must be"),
+    ("noise_std", dict(noise_std=0.9), ValueError, "noise_std must be >= 1"),
+    ("noise_mean_spread", dict(noise_mean_spread=float("nan")), ValueError, "noise_mean_spread must be"),
+    ("noise_std_spread", dict(noise_std_spread="x"), ValueError, "noise_std_spread must be"),
+    ("generator", dict(generator=3), TypeError, "generator must be"),
+    ("one value", dict(input=torch.randn(1, 3)), ValueError, "more than 1 value per channel"),
+    ("eval", dict(training=False, running_mean=None, running_var=None), ValueError, "required when training=False"),
+    ("eps", dict(eps=-1.0), ValueError, "eps must be"),
+]
+
+
+@pytest.mark.parametrize("what,override,exc,match", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input(what, override, exc, match):
+    args = dict(input=torch.randn(4, 3, 5), running_mean=torch.zeros(3), running_var=torch.ones(3),
+                weight=torch.ones(3), bias=torch.zeros(3), training=True, momentum=0.1, eps=1e-5)
+    args.update(override)
+    with pytest.raises(exc, match=match):
+        bnext.noisy_batch_norm(**args)
+
+
+def test_direct_op_call_gives_python_error_not_crash():
+    with pytest.raises(RuntimeError, match="seed must be"):
+        ops.noisy_batch_norm_forward(torch.randn(4, 3), None, None, 1e-5, torch.tensor(1.0), PAPER, 3)
+    with pytest.raises(RuntimeError, match="noise must be"):
+        ops.noisy_batch_norm_forward(torch.randn(4, 3), None, None, 1e-5, torch.tensor(1), [0.5], 3)
+    with pytest.raises(RuntimeError, match="noise_channels must divide"):
+        ops.noisy_batch_norm_forward(torch.randn(4, 3), None, None, 1e-5, torch.tensor(1), PAPER, 2)
