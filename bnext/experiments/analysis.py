@@ -81,6 +81,7 @@ def summarize_run(records: List[dict], state: Dict[str, Any], steps: int) -> Dic
     s["steps_per_s"] = n / ts if ts > 0 else None
     s["steps_per_s_with_measurement"] = n / (ts + ms) if ts + ms > 0 else None
     s["wall_s"] = ts + ms + state.get("eval_s", 0.0)
+    s["cpu_s"] = state.get("cpu_s")  # process CPU time of the run (all threads): robust to other jobs' load
     return s
 
 

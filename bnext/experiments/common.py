@@ -394,7 +394,7 @@ def train_run(task, spec: RunSpec, run_dir: Path, *, device: torch.device, measu
     model = task.build_model(spec).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=momentum, weight_decay=weight_decay)
     monitor = ActivationMonitor(task.monitor_points(model), task.hist_points(model))
-    state = {"step": 0, "train_s": 0.0, "measure_s": 0.0, "eval_s": 0.0, "train_steps": 0, "measures": 0,
+    state = {"step": 0, "train_s": 0.0, "measure_s": 0.0, "eval_s": 0.0, "cpu_s": 0.0, "train_steps": 0, "measures": 0,
              "diverged_step": None, "resumed_from": []}
     truncate = None
     if ckpt_path.exists() and metrics_path.exists():
@@ -408,6 +408,8 @@ def train_run(task, spec: RunSpec, run_dir: Path, *, device: torch.device, measu
         truncate = ck["metrics_offset"]
     log = MetricsLog(metrics_path, truncate_to=truncate)
     last = spec.steps - 1
+    state.setdefault("cpu_s", 0.0)
+    cpu0 = time.process_time()
     if bar is not None:
         bar.reset(total=spec.steps)
         bar.update(state["step"])
@@ -465,11 +467,14 @@ def train_run(task, spec: RunSpec, run_dir: Path, *, device: torch.device, measu
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.3g}", refresh=False)
             if checkpoint_every > 0 and state["step"] % checkpoint_every == 0 and step != last:
+                state["cpu_s"] += time.process_time() - cpu0
+                cpu0 = time.process_time()
                 offset = log.flush()
                 atomic_torch_save(ckpt_path, {
                     "model": model.state_dict(), "optimizer": opt.state_dict(), "monitor": monitor.state_dict(),
                     "state": state, "rng": rng_state(device), "metrics_offset": offset})
         log.flush()
+        state["cpu_s"] += time.process_time() - cpu0
     finally:
         log.close()
         monitor.remove()

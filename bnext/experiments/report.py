@@ -96,7 +96,8 @@ def write_report(path: Path, *, title: str, command: str, env: Dict[str, Any], d
           "- **Settings:** " + ", ".join(f"{k}={_fmt(v)}" for k, v in settings.items()),
           f"- **Time:** {timing.get('wall_s', 0):.0f} s from start to report in this invocation "
           f"(runs finished by an earlier invocation are not redone); median steps/s without measurement "
-          f"{_fmt(timing.get('steps_per_s'))}, with measurement {_fmt(timing.get('steps_per_s_measured'))}", ""]
+          f"{_fmt(timing.get('steps_per_s'))}, with measurement {_fmt(timing.get('steps_per_s_measured'))}; "
+          f"process CPU time of all runs {timing.get('runs_cpu_s', 0):.0f} s", ""]
     if missing or failed:
         L += ["## Runs not performed", ""]
         for norm, why in missing.items():

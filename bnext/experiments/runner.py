@@ -162,6 +162,7 @@ def _execute(exp: Experiment, dist: Dist) -> int:
     spm = sorted(s["steps_per_s_with_measurement"] for s in summaries
                  if s.get("steps_per_s_with_measurement") and s["spec"]["measure"])
     timing = {"wall_s": time.perf_counter() - t_start,
+              "runs_cpu_s": sum(s.get("cpu_s") or 0.0 for s in summaries),
               "steps_per_s": sps[len(sps) // 2] if sps else None,
               "steps_per_s_measured": spm[len(spm) // 2] if spm else None}
     ctx = dict(cfg=cfg, out=out, grid=grid, records=records, summaries=summaries, missing=missing, failed=failed,

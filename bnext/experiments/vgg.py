@@ -37,7 +37,7 @@ class VGGConfig:
     ref_lr: float = option(0.1, "LR whose runs the noisy-BN, landscape and l_p figures and claims use")
     seeds: List[int] = option([0], "seeds (model init, batch order, noise)")
     # --- training
-    steps: int = option(400, "training steps per run (paper: 15000)")
+    steps: int = option(320, "training steps per run (paper: 15000)")
     batch_size: int = option(128, "batch size")
     width: float = option(0.125, "VGG-16 width multiplier (1 = the 64..512 channels of VGG-16)")
     init: str = option("glorot", "weight init: glorot (Xavier uniform, zero bias) or torch", choices=["glorot", "torch"])
@@ -70,7 +70,7 @@ class VGGConfig:
                            "On CPU, 2 single-threaded processes beat 1 process x 2 threads, and degrade "
                            "gracefully when other jobs load the cores")
     tune_allocator: bool = option(True, "call bnext.tune_cpu_allocator() on CPU (see README)")
-    checkpoint_every: int = option(100, "steps between checkpoints (0: none)")
+    checkpoint_every: int = option(80, "steps between checkpoints (0: none)")
     out: Optional[str] = option(None, "output directory (default runs/vgg-<preset>)")
     progress: bool = option(True, "tqdm progress bars")
     save_weights: bool = option(False, "keep each run's final weights as runs/<run>/final.pt")
