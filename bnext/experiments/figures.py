@@ -18,6 +18,10 @@ COLORS = {"none": "black", "bn": "tab:blue", "noisy_bn": "tab:orange", "l1": "ta
 LABELS = {"none": "standard (no norm)", "bn": "BatchNorm", "noisy_bn": "noisy BatchNorm", "l1": "l1 norm",
           "l2": "l2 norm", "linf": "l-inf norm"}
 
+# l2 normalization coincides with BN wherever the layer input has zero mean (e.g. the DLN after layer 1):
+# distinct dashes keep overlapping curves visible.
+STYLES = {"l1": "--", "l2": "-.", "linf": ":"}
+
 Runs = Dict[Tuple[str, str, float], List[List[dict]]]
 
 
@@ -54,6 +58,7 @@ def _plot(ax, s, norm, label=None, band=True, **kw):
     if s is None:
         return
     steps, mean, lo, hi = s
+    kw.setdefault("linestyle", STYLES.get(norm, "-"))
     ax.plot(steps, mean, color=COLORS.get(norm), label=label or LABELS.get(norm, norm), **kw)
     if band and not np.allclose(lo, hi, equal_nan=True):
         ax.fill_between(steps, lo, hi, color=COLORS.get(norm), alpha=0.2, linewidth=0)
@@ -82,11 +87,12 @@ def _legend(ax, **kw):
         ax.legend(**kw)
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, layout: bool = True) -> Path:
     for ax in fig.axes:
         if ax.get_yscale() == "log":
             _label_short_log_axis(ax)
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -139,9 +145,12 @@ def curves(runs: Runs, norms: Sequence[str], lrs: Sequence[float], path: Path, t
             ax.grid(alpha=0.3)
             if i == 0:
                 ax.set_title(f"LR = {lr:g}")
-        _legend(axes[0][0], fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
     fig.suptitle(title)
-    return _save(fig, path)
+    if handles:  # one legend for the figure, below the panels, so it hides no curve
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9)
+        fig.tight_layout(rect=(0, 0.45 / fig.get_figheight(), 1, 1))
+    return _save(fig, path, layout=not handles)
 
 
 def histograms(runs: Runs, norms: Sequence[str], layers: Sequence[int], lr: float, path: Path, title: str,
