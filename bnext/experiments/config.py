@@ -43,7 +43,7 @@ def _field_kind(f: dataclasses.Field):
 
 def build_parser(cls, presets: Dict[str, Dict[str, Any]], prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.HelpFormatter)
     parser.add_argument("--preset", choices=sorted(presets), default="quick",
                         help="starting values for every option below; explicit flags override them. "
                              + "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in vals.items())

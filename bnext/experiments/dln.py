@@ -55,9 +55,6 @@ class DLNConfig:
     progress: bool = option(True, "tqdm progress bars")
     save_weights: bool = option(False, "keep each run's final weights as runs/<run>/final.pt")
 
-    # fields the shared runner reads
-    eval_every: int = option(0, "unused by the DLN (full batch: the training loss is the figure)")
-
     def validate(self):
         bad = [n for n in self.norms + self.ics_norms if n not in NORMS]
         if bad:

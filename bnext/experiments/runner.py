@@ -127,7 +127,7 @@ def _execute(exp: Experiment, dist: Dist) -> int:
         run_dir = out / "runs" / spec.run_id
         try:
             common.train_run(task, spec, run_dir, device=device, measure_every=cfg.measure_every,
-                             eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
+                             eval_every=getattr(cfg, "eval_every", 0), checkpoint_every=cfg.checkpoint_every,
                              momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                              bar=run_bar, save_weights=cfg.save_weights,
                              interrupt_at=getattr(cfg, "_interrupt_at", None))
