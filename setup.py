@@ -70,7 +70,10 @@ def cuda_archs():
 def extensions():
     build_cuda, reason = decide_cuda()
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-fopenmp-simd", "-std=c++17", "-DNDEBUG"]
+    # Baseline ISA only (never -march=native): the CPU kernels add AVX2 / AVX-512 code paths of their
+    # own, chosen at run time (csrc/cpu/normalization.cpp). No FMA contraction, so that every path
+    # rounds the same way and results do not depend on the machine.
+    cxx = ["-O3", "-fopenmp", "-fopenmp-simd", "-ffp-contract=off", "-std=c++17", "-DNDEBUG"]
     macros = [("BNEXT_TORCH_VERSION", f'"{torch.__version__}"')]
     if build_cuda:
         archs = cuda_archs()
