@@ -1,0 +1,95 @@
+"""Markdown table from a pytest-benchmark JSON file written by bench_batch_norm.py.
+
+    pytest benchmarks --benchmark-only --benchmark-json run.json
+    python benchmarks/report.py run.json [more.json ...]
+
+One row per (device, op, shape, layout): median time of each implementation, bnext's speedup over
+eager and over torch.compile, bnext's GB/s (bytes counted / median) and that as a fraction of the
+copy bandwidth measured in the same run, and whether the targets of issue 3 are met (forward+backward
+rows only: speedup over eager >= 2.5 on NCHW, >= 1.4 on channels_last, and >= 80% of copy bandwidth).
+"""
+import argparse
+import json
+import sys
+from collections import OrderedDict
+
+TARGET_SPEEDUP = {"nchw": 2.5, "channels_last": 1.4}
+TARGET_FRACTION = 0.8
+
+
+def load_rows(path):
+    with open(path) as f:
+        data = json.load(f)
+    rows = OrderedDict()
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info", {})
+        if info.get("bench") != "batch_norm":  # rows of bench_batch_norm.py only
+            continue
+        key = (info["device"], info["op"], "x".join(map(str, info["shape"])), info["layout"])
+        row = rows.setdefault(key, {"copy_gbps": info["copy_gbps"], "bytes": info["bytes"]})
+        row[info["impl"]] = bench["stats"]["median"]
+    return data, rows
+
+
+def fmt_ms(seconds):
+    return "-" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
+def machine_lines(data):
+    m = data.get("machine_info", {})
+    b = m.get("bnext", {})
+    lines = [
+        f"- CPU: {b.get('cpu_model', m.get('processor', '?'))}, {b.get('logical_cpus', '?')} logical CPUs, "
+        f"{b.get('torch_threads', '?')} torch threads",
+        f"- torch {b.get('torch_version', '?')} (CPU capability {b.get('torch_cpu_capability', '?')}), "
+        f"allocator {'tuned (bnext.tune_cpu_allocator())' if b.get('allocator_tuned') else 'default'}",
+        f"- date {data.get('datetime', '?')}, commit {data.get('commit_info', {}).get('id', '?')[:10]}"
+        f"{' (dirty)' if data.get('commit_info', {}).get('dirty') else ''}",
+    ]
+    load = b.get("loadavg") or {}
+    if load.get("start") is not None:
+        lines.append(f"- 1-minute load average at start / end of the run: {load['start']:.1f} / {load['end']:.1f} "
+                     f"(other processes share the {b.get('logical_cpus', '?')} CPUs)")
+    for where, gbps in b.get("copy_gbps", {}).items():
+        lines.append(f"- copy bandwidth (`dst.copy_(src)`, {where}): {gbps:.1f} GB/s")
+    if b.get("cuda_device"):
+        lines.append(f"- CUDA device: {b['cuda_device']}")
+    return lines
+
+
+def table(rows):
+    out = ["| device | op | shape | layout | bnext ms | eager ms | compile ms | vs eager | vs compile "
+           "| bnext GB/s | of copy | target |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for (device, op, shape, layout), r in rows.items():
+        ours, eager, comp = r.get("bnext"), r.get("eager"), r.get("compile")
+        vs_eager = eager / ours if ours and eager else None
+        vs_comp = comp / ours if ours and comp else None
+        gbps = r["bytes"] / ours / 1e9 if ours else None
+        frac = gbps / r["copy_gbps"] if gbps else None
+        target = ""
+        if op != "fwd" and device == "cpu" and vs_eager is not None:
+            need = TARGET_SPEEDUP[layout]
+            ok_speed, ok_bw = vs_eager >= need, frac >= TARGET_FRACTION
+            target = ("met" if ok_speed and ok_bw else "NOT met") + \
+                f" ({'>=' if ok_speed else '<'}{need}x, {'>=' if ok_bw else '<'}80%)"
+        out.append("| " + " | ".join([
+            device, op, shape, layout, fmt_ms(ours), fmt_ms(eager), fmt_ms(comp),
+            "-" if vs_eager is None else f"{vs_eager:.2f}x", "-" if vs_comp is None else f"{vs_comp:.2f}x",
+            "-" if gbps is None else f"{gbps:.1f}", "-" if frac is None else f"{frac:.0%}", target]) + " |")
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON files (--benchmark-json)")
+    args = parser.parse_args(argv)
+    for path in args.json:
+        data, rows = load_rows(path)
+        print(f"### {path}\n")
+        print("\n".join(machine_lines(data)) + "\n")
+        print("\n".join(table(rows)) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
