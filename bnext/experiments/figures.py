@@ -74,10 +74,11 @@ def _diverged_marks(ax, seeds: List[List[dict]], norm: str):
 
 
 def _label_short_log_axis(ax):
-    """A log y axis spanning less than a decade gets no major labels: label its minor ticks too."""
+    """A log y axis spanning less than a decade gets few or no major labels: label 2x, 3x and 5x too."""
     lo, hi = ax.get_ylim()
     if lo > 0 and hi / lo < 10:
-        from matplotlib.ticker import FormatStrFormatter
+        from matplotlib.ticker import FormatStrFormatter, LogLocator
+        ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 3.0, 5.0)))
         ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
         ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
 
