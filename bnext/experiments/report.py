@@ -97,7 +97,9 @@ def write_report(path: Path, *, title: str, command: str, env: Dict[str, Any], d
           f"- **Time:** {timing.get('wall_s', 0):.0f} s from start to report in this invocation "
           f"(runs finished by an earlier invocation are not redone); median steps/s without measurement "
           f"{_fmt(timing.get('steps_per_s'))}, with measurement {_fmt(timing.get('steps_per_s_measured'))}; "
-          f"process CPU time of all runs {timing.get('runs_cpu_s', 0):.0f} s", ""]
+          f"the runs' own time, summed over runs: {timing.get('runs_wall_s', 0):.0f} s wall, "
+          + (f"{timing['runs_cpu_s']:.0f} s process CPU" if timing.get("runs_cpu_s") is not None
+             else "process CPU not recorded by these runs"), ""]
     if missing or failed:
         L += ["## Runs not performed", ""]
         for norm, why in missing.items():

@@ -43,8 +43,9 @@ def _check_config(out: Path, cfg_dict: Dict[str, Any]) -> None:
         return
     with open(path) as f:
         old = json.load(f).get("config", {})
-    diff = sorted(k for k in set(old) | set(cfg_dict)
-                  if k not in FREE_KEYS and common.clean_json(old.get(k)) != common.clean_json(cfg_dict.get(k)))
+    # options present in both configs (an option added or removed since is a code change, not a config change)
+    diff = sorted(k for k in set(old) & set(cfg_dict)
+                  if k not in FREE_KEYS and common.clean_json(old[k]) != common.clean_json(cfg_dict[k]))
     if diff:
         raise SystemExit(f"{out} holds runs made with a different configuration (differs in: {', '.join(diff)}). "
                          "Use another --out, or delete that directory to start over.")
@@ -91,9 +92,9 @@ def _execute(exp: Experiment, dist: Dist) -> int:
     env["world"] = dist.world
     say = (print if dist.main else (lambda *a, **k: None))
     cfg_dict = dataclasses.asdict(cfg)
+    _check_config(out, cfg_dict)  # every rank: a refusal ends all of them with the same message
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
-        _check_config(out, cfg_dict)
     common.barrier(dist)
 
     t_start = time.perf_counter()
@@ -162,7 +163,9 @@ def _execute(exp: Experiment, dist: Dist) -> int:
     spm = sorted(s["steps_per_s_with_measurement"] for s in summaries
                  if s.get("steps_per_s_with_measurement") and s["spec"]["measure"])
     timing = {"wall_s": time.perf_counter() - t_start,
-              "runs_cpu_s": sum(s.get("cpu_s") or 0.0 for s in summaries),
+              "runs_cpu_s": (sum(s["cpu_s"] for s in summaries)
+                             if summaries and all(s.get("cpu_s") is not None for s in summaries) else None),
+              "runs_wall_s": sum(s.get("wall_s") or 0.0 for s in summaries),
               "steps_per_s": sps[len(sps) // 2] if sps else None,
               "steps_per_s_measured": spm[len(spm) // 2] if spm else None}
     ctx = dict(cfg=cfg, out=out, grid=grid, records=records, summaries=summaries, missing=missing, failed=failed,
@@ -202,4 +205,4 @@ def assign(specs: List[RunSpec], world: int) -> List[List[RunSpec]]:
 
 
 def _command(exp: Experiment) -> str:
-    return f"python -m bnext.experiments.{exp.name} " + " ".join(shlex.quote(a) for a in exp.argv)
+    return " ".join([f"python -m bnext.experiments.{exp.name}"] + [shlex.quote(a) for a in exp.argv])
