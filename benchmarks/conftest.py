@@ -4,7 +4,7 @@ Environment:
   BNEXT_BENCH_UNTUNED=1   keep glibc's default allocator settings (by default the session calls
                           bnext.tune_cpu_allocator() first, see bnext/allocator.py)
   BNEXT_BENCH_THREADS=n   torch CPU threads (default: every CPU this process may run on)
-  BNEXT_BENCH_ROUNDS=n    timed rounds per benchmark (default 15)
+  BNEXT_BENCH_ROUNDS=n    timed rounds per benchmark (default 30)
 """
 import os
 import platform
@@ -17,7 +17,7 @@ import torch
 
 import bnext
 
-ROUNDS = int(os.environ.get("BNEXT_BENCH_ROUNDS", "15"))
+ROUNDS = int(os.environ.get("BNEXT_BENCH_ROUNDS", "30"))
 UNTUNED = os.environ.get("BNEXT_BENCH_UNTUNED", "0") == "1"
 THREADS = int(os.environ.get("BNEXT_BENCH_THREADS", str(len(os.sched_getaffinity(0)))))
 
