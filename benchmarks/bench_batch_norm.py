@@ -8,8 +8,8 @@ Ops (all with batch statistics and running-stat updates, as in a training step):
   fwd_bwd       y = batch_norm(x); grad of (x, w, b) for a given dy  5 passes (x, y, dy, x, dx)
   fwd_bwd_relu  the same with y = relu(batch_norm(x))               5 passes
 A pass is one read or one write of a tensor the size of x: the least memory traffic the op needs.
-GB/s = bytes counted / median time, compared with the copy bandwidth measured in the same run
-(conftest.copy_gbps). Gradients use torch.autograd.grad, so nothing accumulates into .grad.
+GB/s = bytes counted / median time, compared with the copy bandwidth measured right after each
+benchmark in the same process (conftest.copy_gbps; the machine's bandwidth drifts during a run). Gradients use torch.autograd.grad, so nothing accumulates into .grad.
 """
 import pytest
 import torch
@@ -103,7 +103,7 @@ def bench_batch_norm(benchmark, copy_gbps, device, op, shape, layout, impl):
     benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
     nbytes = OPS[op] * x.numel() * x.element_size()
-    copy = copy_gbps(x.numel(), dtype, device)
+    copy = copy_gbps(x.numel(), dtype, device, fresh=True)  # measured right after this benchmark
     benchmark.extra_info.update(bench="batch_norm", impl=impl, op=op, shape=list(shape), layout=layout, device=device,
                                 dtype=str(dtype), bytes=nbytes, passes=OPS[op], copy_gbps=copy)
     if benchmark.stats is not None:
