@@ -10,6 +10,7 @@ rows only: speedup over eager >= 2.5 on NCHW, >= 1.4 on channels_last, and >= 80
 """
 import argparse
 import json
+import statistics
 import sys
 from collections import OrderedDict
 
@@ -60,9 +61,11 @@ def machine_lines(data):
 
 
 def table(rows):
-    out = ["| device | op | shape | layout | bnext ms | eager ms | compile ms | vs eager | vs compile "
-           "| bnext GB/s | copy GB/s | of copy | target |",
-           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    spread = any(r.get("spread") for r in rows.values())
+    out = ["| device | op | shape | layout | bnext ms | eager ms | compile ms | vs eager "
+           + ("| vs eager, range over runs " if spread else "")
+           + "| vs compile | bnext GB/s | copy GB/s | of copy | target |",
+           "|---|---|---|---|---:|---:|---:|---:|" + ("---:|" if spread else "") + "---:|---:|---:|---:|---|"]
     for (device, op, shape, layout), r in rows.items():
         ours, eager, comp = r.get("bnext"), r.get("eager"), r.get("compile")
         vs_eager = eager / ours if ours and eager else None
@@ -76,18 +79,52 @@ def table(rows):
             ok_speed, ok_bw = vs_eager >= need, frac >= TARGET_FRACTION
             target = ("met" if ok_speed and ok_bw else "NOT met") + \
                 f" ({'>=' if ok_speed else '<'}{need}x, {'>=' if ok_bw else '<'}80%)"
+        rng = r.get("spread")
         out.append("| " + " | ".join([
             device, op, shape, layout, fmt_ms(ours), fmt_ms(eager), fmt_ms(comp),
-            "-" if vs_eager is None else f"{vs_eager:.2f}x", "-" if vs_comp is None else f"{vs_comp:.2f}x",
+            "-" if vs_eager is None else f"{vs_eager:.2f}x"]
+            + ([f"{rng[0]:.2f}-{rng[1]:.2f}x" if rng else "-"] if spread else [])
+            + ["-" if vs_comp is None else f"{vs_comp:.2f}x",
             "-" if gbps is None else f"{gbps:.1f}", f"{copy:.1f}", "-" if frac is None else f"{frac:.0%}",
             target]) + " |")
+    return out
+
+
+def combine(runs):
+    """Rows of several runs merged: per implementation the median over runs of the per-run medians,
+    copy bandwidth likewise; also the range over runs of bnext's speedup over eager ("spread")."""
+    merged = OrderedDict()
+    for rows in runs:
+        for key, r in rows.items():
+            m = merged.setdefault(key, {"bytes": r["bytes"], "copy": [], "runs": []})
+            m["copy"].append(sum(r["copy"]) / len(r["copy"]))
+            m["runs"].append(r)
+    out = OrderedDict()
+    for key, m in merged.items():
+        row = {"bytes": m["bytes"], "copy": [statistics.median(m["copy"])]}
+        for impl in ("bnext", "eager", "compile"):
+            vals = [r[impl] for r in m["runs"] if impl in r]
+            if vals:
+                row[impl] = statistics.median(vals)
+        ratios = [r["eager"] / r["bnext"] for r in m["runs"] if "eager" in r and "bnext" in r]
+        row["spread"] = (min(ratios), max(ratios)) if ratios else None
+        out[key] = row
     return out
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", nargs="+", help="pytest-benchmark JSON files (--benchmark-json)")
+    parser.add_argument("--combine", action="store_true",
+                        help="one table for all files: medians over the runs, and the range of the speedup")
     args = parser.parse_args(argv)
+    if args.combine:
+        loaded = [load_rows(path) for path in args.json]
+        print(f"### {len(loaded)} runs: {', '.join(args.json)}\n")
+        for path, (data, _) in zip(args.json, loaded):
+            print(f"{path}:\n" + "\n".join(machine_lines(data)) + "\n")
+        print("\n".join(table(combine([rows for _, rows in loaded]))) + "\n")
+        return
     for path in args.json:
         data, rows = load_rows(path)
         print(f"### {path}\n")
