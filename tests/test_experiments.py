@@ -23,7 +23,7 @@ TINY_VGG = ["--dataset", "synthetic", "--no-download", "--width", "0.0625", "--b
             "--checkpoint-every", "2", "--lrs", "0.1", "--ics-lrs", "0.01", "--probe-points", "3",
             "--no-progress", "--threads", "2", "--procs", "1"]
 TINY_DLN = ["--depth", "6", "--dim", "4", "--points", "64", "--steps", "12", "--measure-every", "6",
-            "--ics-layers", "2,4", "--probe-points", "3", "--checkpoint-every", "4", "--no-progress", "--procs", "1"]
+            "--ics-layers", "2,4", "--hist-layers", "2,4", "--probe-points", "3", "--checkpoint-every", "4", "--no-progress", "--procs", "1"]
 
 
 def _landscape_available():
@@ -115,8 +115,11 @@ def test_vgg_end_to_end_every_artifact(tmp_path):
 def test_dln_end_to_end(tmp_path):
     out = tmp_path / "dln"
     assert _run(dln, TINY_DLN + ["--out", str(out)]) == 0
-    figs = ["dln_loss.png"] + (["dln_ics.png", "dln_landscape.png"] if _landscape_available() else [])
+    figs = ["dln_loss.png", "dln_drift.png"] + (["dln_ics.png", "dln_landscape.png", "dln_histograms.png"]
+                                                 if _landscape_available() else [])
     _, summary = _check_report(out, ["1 (DLN)", "3 (DLN)", "4 (DLN)", "6"], figs)
+    by_id = {s["run_id"]: s for s in summary["runs"]}
+    assert by_id["main-bn-lr1e-06-s0"]["drift"] > 0 and by_id["main-none-lr1e-06-s0"]["drift"] > 0
     ids = {s["run_id"] for s in summary["runs"]}
     assert {"main-none-lr1e-06-s0", "main-bn-lr1e-06-s0", "main-none-lr1e-07-s0", "main-bn-lr1e-07-s0"} <= ids
 
@@ -134,6 +137,17 @@ def test_config_rejects_unknown_flags_and_applies_presets():
     d = _cfg(dln, [])
     assert (d.depth, d.dim, d.points, d.steps, d.lrs) == (25, 10, 1000, 4000, [1e-6])
     assert _cfg(dln, ["--preset", "paper"]).steps == 10000
+    assert d.loss_reduction == "sum" and _cfg(dln, ["--loss-reduction", "mean"]).loss_reduction == "mean"
+
+
+def test_dln_loss_is_the_squared_error_summed_or_averaged_over_points():
+    model = torch.nn.Linear(3, 2, bias=False)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    model.double()
+    w = model.weight.detach()
+    err = [sum((float(w[o] @ x[i]) - float(y[i, o])) ** 2 for o in range(2)) for i in range(5)]
+    assert math.isclose(dln.squared_error("sum")(model, (x, y)).item(), sum(err), rel_tol=1e-12)
+    assert math.isclose(dln.squared_error("mean")(model, (x, y)).item(), sum(err) / 5, rel_tol=1e-12)
 
 
 def test_out_dir_with_a_different_config_is_refused(tmp_path):

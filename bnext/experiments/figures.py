@@ -155,7 +155,8 @@ def curves(runs: Runs, norms: Sequence[str], lrs: Sequence[float], path: Path, t
 
 
 def histograms(runs: Runs, norms: Sequence[str], layers: Sequence[int], lr: float, path: Path, title: str,
-               group: str = "main", max_times: int = 5) -> Optional[Path]:
+               group: str = "main", max_times: int = 5,
+               xlabel: str = "pre-activation (output of conv -> norm)") -> Optional[Path]:
     """Activation densities (normalization layer output) of chosen layers at several training steps (seed 0)."""
     norms = [n for n in norms if runs.get((group, n, lr))]
     if not norms:
@@ -182,7 +183,7 @@ def histograms(runs: Runs, norms: Sequence[str], layers: Sequence[int], lr: floa
             if i == 0:
                 ax.set_title(f"{LABELS.get(n, n)}", color=COLORS.get(n))
             ax.set_ylabel(f"layer #{layer}: density")
-            ax.set_xlabel("pre-activation (output of conv -> norm)")
+            ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)
             if i == 0 and j == len(norms) - 1:
                 _legend(ax, fontsize=7)
