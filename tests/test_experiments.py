@@ -78,7 +78,7 @@ def test_vgg_end_to_end_every_artifact(tmp_path):
             "fig_lp_curves.png", "fig_drift.png", "fig_lr_sweep.png"]
     if _landscape_available():
         figs += ["fig3_ics.png", "fig_curvature.png"]
-    rows, summary = _check_report(out, ["1", "2", "3", "4", "5", "6", "1b", "4b"], figs)
+    rows, summary = _check_report(out, ["1", "2", "2 (noise alone)", "3", "4", "5", "6", "1b", "4b"], figs)
     missing = [n for n in ("noisy_bn", "l1", "l2", "linf") if not norm_available(n)[0]]
     assert sorted(summary["missing_norms"]) == sorted(missing)
     if missing:  # unavailable layers are reported, and the claims that need them are inconclusive
@@ -87,7 +87,7 @@ def test_vgg_end_to_end_every_artifact(tmp_path):
         if "noisy_bn" in missing:
             assert rows[1]["verdict"] == analysis.INCONCLUSIVE
     runs = {s["run_id"]: s for s in summary["runs"]}
-    assert "main-bn-lr0.1-s0" in runs and "main-none-lr0.01-s0" in runs
+    assert "main-bn-lr0.1-s0" in runs and "main-none-lr0.01-s0" in runs and "main-noise-lr0.1-s0" in runs
     # a huge LR diverges and is recorded as such, not a crash
     div = runs["sweep-none-lr1e+06-s0"]
     assert div["diverged"] and div["diverged_step"] is not None
@@ -311,6 +311,33 @@ def test_vgg_layout_and_conversion():
     none = build_vgg("none", 0.125)
     assert all(isinstance(dict(none.named_modules())[n], torch.nn.Identity) for n in vgg_layer_names(none)["norm"])
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_plain_network_noise_follows_algorithm_1():
+    from bnext.experiments.models import ChannelNoise
+    torch.manual_seed(0)
+    noise = ChannelNoise().train()
+    C = 4000
+    # x = 1: out = s + m, so per channel the mean is sigma_j + mu_j and the within-channel variance is
+    # r_sigma^2 + (2 r_mu)^2 / 12; across channels the means spread with var(mu_j) + var(sigma_j).
+    out = noise(torch.ones(16, C, 8, 8, dtype=torch.float64))
+    flat = out.transpose(0, 1).reshape(C, -1)
+    within = flat.var(1).mean().item()
+    assert abs(within - (0.1 ** 2 + 0.2 ** 2 / 12)) < 0.03 * (0.1 ** 2 + 0.2 ** 2 / 12)
+    means = flat.mean(1)
+    assert abs(means.mean().item() - (0.0 + 1.125)) < 0.02
+    assert abs(means.var().item() - (1.0 ** 2 / 12 + 0.25 ** 2 / 12)) < 0.1 * (1.0 / 12 + 0.25 ** 2 / 12)
+    # x = 0: out = m, inside [-n_mu - r_mu, n_mu + r_mu]
+    zero = noise(torch.zeros(2, 50, 4, 4, dtype=torch.float64))
+    assert zero.abs().max().item() <= 0.6 and zero.abs().max().item() > 0.4
+    # eval mode: identity; each training call draws anew
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(noise.eval()(x), x)
+    noise.train()
+    assert not torch.equal(noise(x), noise(x))
+    m = build_vgg("noise", 0.0625)
+    assert sum(isinstance(mod, ChannelNoise) for mod in m.modules()) == 13
+    assert not any(isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) for mod in m.modules())
 
 
 def test_atomic_writes_leave_no_partial_file(tmp_path, monkeypatch):

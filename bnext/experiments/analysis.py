@@ -240,6 +240,29 @@ def claim2(g: Grid, lr: float) -> Claim:
     return Claim("2", "noisy BN (unstable inputs) trains as well as BN", rule, measured, _combine(parts))
 
 
+def claim2_plain_noise(g: Grid, lr: float) -> Claim:
+    """Claim 2's second half (not one of PAPER.md's rules, so its own row): the noise alone hurts a plain network."""
+    what = "the same noise prevents a plain network from training"
+    rule = ("at the reference LR, the unnormalized network with noisy BN's noise injected after each conv ends with a "
+            "higher final training loss than the unnormalized network (a diverged run counts as +inf); inconclusive "
+            "if the unnormalized network itself did not train; " + NOISE_RULE)
+    noise, none = g.get("noise", lr), g.get("none", lr)
+    if not (noise and none):
+        return Claim("2 (noise alone)", what, rule, f"LR {lr:g}: runs missing", INCONCLUSIVE)
+    a, b = _final_loss(noise), _final_loss(none)
+    measured = f"LR {lr:g}: final loss noise-injected {_loss_text(noise)} vs none {_loss_text(none)}"
+    if not any(_trained(r) for r in none):
+        return Claim("2 (noise alone)", what, rule, measured + " (the unnormalized network did not train)", INCONCLUSIVE)
+    c = compare(a, b)
+    return Claim("2 (noise alone)", what, rule, measured, _combine([None if c in (None, 0) else c > 0]))
+
+
+def _trained(summary: dict, tol: float = 0.95) -> bool:
+    """A run trained if it did not diverge and its final loss is below tol x its initial loss."""
+    first, last = _num(summary.get("initial_loss")), _num(summary.get("final_loss"))
+    return not summary.get("diverged") and first is not None and last is not None and last < tol * first
+
+
 def _noise(a: Stat, b: Stat) -> float:
     if a.n > 1 or b.n > 1:
         return max(a.spread, b.spread)

@@ -14,9 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 COLORS = {"none": "black", "bn": "tab:blue", "noisy_bn": "tab:orange", "l1": "tab:green", "l2": "tab:red",
-          "linf": "tab:purple"}
+          "linf": "tab:purple", "noise": "tab:brown"}
 LABELS = {"none": "standard (no norm)", "bn": "BatchNorm", "noisy_bn": "noisy BatchNorm", "l1": "l1 norm",
-          "l2": "l2 norm", "linf": "l-inf norm"}
+          "l2": "l2 norm", "linf": "l-inf norm", "noise": "standard + BN's noise"}
 
 # l2 normalization coincides with BN wherever the layer input has zero mean (e.g. the DLN after layer 1):
 # distinct dashes keep overlapping curves visible.

@@ -19,11 +19,17 @@ from torch import nn
 import bnext
 
 NORMS = ("none", "bn", "noisy_bn", "l1", "l2", "linf")
+# Not a bnext.nn.convert target: the unnormalized network with noisy BN's noise injected after each conv
+# (PAPER.md claim 2, second half: "the same noise prevents a plain network from training").
+PLAIN_NOISE = "noise"
+VGG_NORMS = NORMS + (PLAIN_NOISE,)
 VGG16_LAYOUT = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
 
 def norm_available(norm: str) -> Tuple[bool, str]:
     """Whether bnext.nn.convert supports `norm` in this bnext build, and if not, its error message."""
+    if norm == PLAIN_NOISE:
+        return True, ""  # torch ops only
     try:
         bnext.nn.convert(nn.Sequential(nn.BatchNorm2d(2)), to=norm)
         bnext.nn.convert(nn.Sequential(nn.BatchNorm1d(2)), to=norm)
@@ -69,9 +75,42 @@ class VGG(nn.Module):
         return [m for m in self.features if isinstance(m, nn.Sequential)]
 
 
+class ChannelNoise(nn.Module):
+    """Noisy BN's noise (the paper's Algorithm 1, same constants and [choice]s as bnext.noisy_batch_norm) applied
+    to the raw input, without any normalization: in training mode, per call and channel j, mu_j ~ U(-n_mu, n_mu)
+    and sigma_j ~ U(1, n_sigma); per value a, m ~ U(mu_j - r_mu, mu_j + r_mu), s ~ N(sigma_j, r_sigma), a -> s*a + m.
+    Identity in eval mode. Draws from torch's default generator (the runner saves and restores it)."""
+
+    def __init__(self, noise_mean: float = 0.5, noise_std: float = 1.25, noise_mean_spread: float = 0.1,
+                 noise_std_spread: float = 0.1):
+        super().__init__()
+        self.noise_mean, self.noise_std = noise_mean, noise_std
+        self.noise_mean_spread, self.noise_std_spread = noise_mean_spread, noise_std_spread
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        c = x.shape[1]
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        mu = (torch.rand(c, device=x.device, dtype=x.dtype) * 2 - 1) * self.noise_mean
+        sigma = 1 + torch.rand(c, device=x.device, dtype=x.dtype) * (self.noise_std - 1)
+        m = mu.view(shape) + (torch.rand_like(x) * 2 - 1) * self.noise_mean_spread
+        s = sigma.view(shape) + torch.randn_like(x) * self.noise_std_spread
+        return s * x + m
+
+    def extra_repr(self) -> str:
+        return (f"noise_mean={self.noise_mean}, noise_std={self.noise_std}, "
+                f"noise_mean_spread={self.noise_mean_spread}, noise_std_spread={self.noise_std_spread}")
+
+
 def build_vgg(norm: str, width: float, init: str = "glorot", num_classes: int = 10) -> VGG:
     model = VGG(width, num_classes)
     init_weights(model, init)
+    if norm == PLAIN_NOISE:
+        model = bnext.nn.convert(model, to="none")
+        for block in model.blocks():
+            block.norm = ChannelNoise()
+        return model
     return bnext.nn.convert(model, to=norm)
 
 

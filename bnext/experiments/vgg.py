@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from . import analysis, figures, measure
 from .common import RunSpec
 from .config import log_grid, option, parse_config
-from .models import NORMS, build_vgg, named_points, vgg_layer_names
+from .models import NORMS, PLAIN_NOISE, VGG_NORMS, build_vgg, named_points, vgg_layer_names
 from .runner import Experiment, execute
 
 ALL_NORMS = list(NORMS)
@@ -36,6 +36,8 @@ class VGGConfig:
     ics_norms: List[str] = option(["none", "bn"], "normalizations run at the extra --ics-lrs")
     ref_lr: float = option(0.1, "LR whose runs the noisy-BN, landscape and l_p figures and claims use")
     seeds: List[int] = option([0], "seeds (model init, batch order, noise)")
+    plain_noise: bool = option(True, "also train the unnormalized network with noisy BN's noise injected after each "
+                                     "conv, at --ref-lr (claim 2: the noise alone prevents a plain network from training)")
     # --- training
     steps: int = option(320, "training steps per run (paper: 15000)")
     batch_size: int = option(128, "batch size")
@@ -76,9 +78,9 @@ class VGGConfig:
     save_weights: bool = option(False, "keep each run's final weights as runs/<run>/final.pt")
 
     def validate(self):
-        bad = [n for n in self.norms + self.ics_norms if n not in NORMS]
+        bad = [n for n in self.norms + self.ics_norms if n not in VGG_NORMS]
         if bad:
-            raise ValueError(f"unknown normalization(s) {bad}; choose from {list(NORMS)}")
+            raise ValueError(f"unknown normalization(s) {bad}; choose from {list(VGG_NORMS)}")
         if any(lr <= 0 for lr in self.lrs + self.ics_lrs + self.sweep_lrs):
             raise ValueError("learning rates must be positive")
         if self.steps < 1 or self.batch_size < 2 or self.width <= 0:
@@ -179,6 +181,8 @@ def specs(cfg: VGGConfig) -> List[RunSpec]:
     out = [RunSpec(n, lr, s, cfg.steps) for n in cfg.norms for lr in cfg.lrs for s in cfg.seeds]
     out += [RunSpec(n, lr, s, cfg.steps) for n in cfg.ics_norms for lr in cfg.ics_lrs if lr not in cfg.lrs
             for s in cfg.seeds]
+    if cfg.plain_noise and PLAIN_NOISE not in cfg.norms:
+        out += [RunSpec(PLAIN_NOISE, cfg.ref_lr, s, cfg.steps) for s in cfg.seeds]
     if cfg.lr_sweep:
         out += [RunSpec(n, lr, s, cfg.sweep_steps, group="sweep", measure=False)
                 for n in cfg.norms for lr in cfg.sweep_lrs for s in cfg.seeds]
@@ -195,13 +199,14 @@ def make_report(ctx) -> tuple:
     cfg, out, grid, runs = ctx["cfg"], ctx["out"], ctx["grid"], ctx["records"]
     ref = _ref_lr(cfg, grid)
     ics_lrs = sorted({lr for lr in [ref] + list(cfg.ics_lrs) if grid.get("bn", lr) or grid.get("none", lr)}, reverse=True)
-    claims = [analysis.claim1(grid, sorted(cfg.lrs)), analysis.claim2(grid, ref), analysis.claim3_vgg(grid, ics_lrs),
+    claims = [analysis.claim1(grid, sorted(cfg.lrs)), analysis.claim2(grid, ref), analysis.claim2_plain_noise(grid, ref),
+              analysis.claim3_vgg(grid, ics_lrs),
               analysis.claim4(grid, ref), analysis.claim5(grid, ref), analysis.claim6(ctx["summaries"])]
     if cfg.lr_sweep:
         claims.append(analysis.claim_lr_sweep(grid, cfg.norms))
     if cfg.curvature:
         claims.append(analysis.claim_curvature(grid, ref))
-    main = [n for n in cfg.norms]
+    main = [n for n in cfg.norms if n != PLAIN_NOISE]
     figs = []
 
     def add(path, caption):
@@ -212,7 +217,7 @@ def make_report(ctx) -> tuple:
     add(figures.histograms(runs, ["none", "bn"], [k for k in (3, 11) if k in cfg.hist_layers], ref,
                            out / "fig1_histograms.png", f"Fig 1 (c): activation distributions (LR {ref:g})"),
         "Fig 1 (c): activation histograms, layers #3 and #11")
-    add(figures.curves(runs, ["none", "bn", "noisy_bn"], sorted(cfg.lrs), out / "fig2_noisy_bn.png",
+    add(figures.curves(runs, ["none", "bn", "noisy_bn", PLAIN_NOISE], sorted(cfg.lrs), out / "fig2_noisy_bn.png",
                        "Fig 2: noisy BatchNorm (Algorithm 1)"), "Fig 2: noisy BN training and test curves")
     add(figures.histograms(runs, ["none", "bn", "noisy_bn"], [k for k in (2, 9, 13) if k in cfg.hist_layers], ref,
                            out / "fig2_histograms.png", f"Fig 2: activation distributions (LR {ref:g})"),
