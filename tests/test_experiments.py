@@ -222,7 +222,8 @@ def test_torchrun_two_cpu_processes_share_the_grid(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["environment"]["world"] == 2
-    assert len(summary["runs"]) == 4  # 2 norms x (0.1 + ICS LR 0.01), split over 2 ranks
+    # 2 norms x (0.1 + ICS LR 0.01) + the noise-injected plain network at 0.1, split over 2 ranks
+    assert len(summary["runs"]) == 5
     assert proc.stdout.count("report:") == 1  # only rank 0 writes the report
     assert parse_claims((out / "report.md").read_text())
 

@@ -96,7 +96,7 @@ def squared_error(reduction: str):
     return loss
 
 
-class DLNTask:
+class DLNTask(measure.MeasuredTask):
     def __init__(self, cfg: DLNConfig, device: torch.device, say=print):
         self.cfg, self.device = cfg, device
         g = torch.Generator().manual_seed(cfg.data_seed)
@@ -106,7 +106,7 @@ class DLNTask:
         self.data_source = (f"synthetic deep-linear-network task: x ~ N(0, I) ({cfg.points} points, dim {cfg.dim}), "
                             f"targets A x with A ~ N(0, 1) entries (data seed {cfg.data_seed})")
         self.landscape_ok, self.landscape_why = measure.landscape_available()
-        self.loss = squared_error(cfg.loss_reduction)
+        self.loss_fn = squared_error(cfg.loss_reduction)
 
     def build_model(self, spec: RunSpec):
         return build_dln(spec.norm, self.cfg.depth, self.cfg.dim, self.cfg.init)
@@ -124,32 +124,14 @@ class DLNTask:
         return self.data
 
     def loss_and_metrics(self, model, batch):
-        loss = self.loss(model, batch)
+        loss = self.loss_fn(model, batch)
         return loss, {"loss": loss.item()}
 
     def evaluate(self, model):
         return {}
 
-    def measure(self, model, batch, spec: RunSpec, step: int) -> Dict[str, Any]:
-        if not self.landscape_ok:
-            return {"missing": [self.landscape_why]}
-        model.train()
-        layers = [n for n, _ in model.named_modules() if n.endswith(".linear")]
-        rec: Dict[str, Any] = {"ics": measure.ics(model, self.loss, batch, spec.lr, layers)}
-        rec["probe"] = measure.line_probe(model, self.loss, batch, [m * spec.lr for m in self.cfg.eta_multipliers()])
-        if self.cfg.curvature:
-            rec["hessian_top"] = measure.hessian_top(model, self.loss, batch, self.cfg.curvature_iters)
-        return rec
-
-    def before_forward(self, model, spec: RunSpec):
-        # Theorem 4.1 concerns BatchNorm itself: recorded in the BN runs, on the training step's own backward.
-        return measure.start_theorem41(model) if self.landscape_ok and spec.norm == "bn" else None
-
-    def after_backward(self, model, tracker) -> Dict[str, Any]:
-        return {} if tracker is None else {"thm41": measure.theorem41(model, tracker)}
-
-    def summarize(self, spec, records, state):
-        return analysis.summarize_run(records, state, spec.steps)
+    def ics_layers(self, model):
+        return [n for n, _ in model.named_modules() if n.endswith(".linear")]
 
 
 def specs(cfg: DLNConfig) -> List[RunSpec]:

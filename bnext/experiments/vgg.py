@@ -110,7 +110,7 @@ def _xent(model, batch):
     return F.cross_entropy(model(x), y)
 
 
-class VGGTask:
+class VGGTask(measure.MeasuredTask):
     def __init__(self, cfg: VGGConfig, device: torch.device, say=print):
         from bnext import data as bdata
         self.cfg, self.device, self._bdata = cfg, device, bdata
@@ -121,6 +121,7 @@ class VGGTask:
         self.data_source = ds.source
         self.num_classes = ds.num_classes
         self.landscape_ok, self.landscape_why = measure.landscape_available()
+        self.loss_fn = _xent
 
     def build_model(self, spec: RunSpec):
         return build_vgg(spec.norm, self.cfg.width, self.cfg.init, self.num_classes)
@@ -155,26 +156,8 @@ class VGGTask:
         model.train()
         return {"test_loss": total / n, "test_acc": correct / n}
 
-    def measure(self, model, batch, spec: RunSpec, step: int) -> Dict[str, Any]:
-        if not self.landscape_ok:
-            return {"missing": [self.landscape_why]}
-        model.train()
-        convs = vgg_layer_names(model)["conv"]
-        rec: Dict[str, Any] = {"ics": measure.ics(model, _xent, batch, spec.lr, convs)}
-        rec["probe"] = measure.line_probe(model, _xent, batch, [m * spec.lr for m in self.cfg.eta_multipliers()])
-        if self.cfg.curvature:
-            rec["hessian_top"] = measure.hessian_top(model, _xent, batch, self.cfg.curvature_iters)
-        return rec
-
-    def before_forward(self, model, spec: RunSpec):
-        # Theorem 4.1 concerns BatchNorm itself: recorded in the BN runs, on the training step's own backward.
-        return measure.start_theorem41(model) if self.landscape_ok and spec.norm == "bn" else None
-
-    def after_backward(self, model, tracker) -> Dict[str, Any]:
-        return {} if tracker is None else {"thm41": measure.theorem41(model, tracker)}
-
-    def summarize(self, spec, records, state):
-        return analysis.summarize_run(records, state, spec.steps)
+    def ics_layers(self, model):
+        return vgg_layer_names(model)["conv"]
 
 
 def specs(cfg: VGGConfig) -> List[RunSpec]:
