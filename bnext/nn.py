@@ -13,6 +13,7 @@ from torch import Tensor
 import math
 
 from .ops import batch_norm, check_norm_args, check_p, lp_norm, noisy_batch_norm, _check_noise_args
+from . import distributed as _dist
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "NoisyBatchNorm1d", "NoisyBatchNorm2d",
            "NoisyBatchNorm3d", "LpNorm1d", "LpNorm2d", "LpNorm3d", "convert"]
@@ -26,6 +27,10 @@ class _FusedBatchNormMixin:
             raise ValueError(f"{type(self).__name__}: activation must be None or 'relu', got {activation!r}")
         self.activation = activation
 
+    def _init_process_group(self, process_group):
+        _dist.check_process_group(type(self).__name__, process_group)
+        self.process_group = process_group
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         factor = 0.0 if self.momentum is None else self.momentum
@@ -35,6 +40,10 @@ class _FusedBatchNormMixin:
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
+        if _dist.is_synchronized(getattr(self, "process_group", None), self.training):
+            return _dist.sync_batch_norm(
+                input, self.running_mean if track else None, self.running_var if track else None,
+                self.weight, self.bias, factor, self.eps, self.activation, self.process_group)
         return batch_norm(
             input,
             self.running_mean if track else None,
@@ -50,27 +59,30 @@ class BatchNorm1d(_FusedBatchNormMixin, torch.nn.BatchNorm1d):
     """torch.nn.BatchNorm1d on bnext kernels; ``activation="relu"`` fuses a ReLU."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, activation: Optional[str] = None):
+                 device=None, dtype=None, activation: Optional[str] = None, process_group=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self._init_activation(activation)
+        self._init_process_group(process_group)
 
 
 class BatchNorm2d(_FusedBatchNormMixin, torch.nn.BatchNorm2d):
     """torch.nn.BatchNorm2d on bnext kernels; ``activation="relu"`` fuses a ReLU."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, activation: Optional[str] = None):
+                 device=None, dtype=None, activation: Optional[str] = None, process_group=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self._init_activation(activation)
+        self._init_process_group(process_group)
 
 
 class BatchNorm3d(_FusedBatchNormMixin, torch.nn.BatchNorm3d):
     """torch.nn.BatchNorm3d on bnext kernels; ``activation="relu"`` fuses a ReLU."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, activation: Optional[str] = None):
+                 device=None, dtype=None, activation: Optional[str] = None, process_group=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self._init_activation(activation)
+        self._init_process_group(process_group)
 
 
 class _NoisyBatchNormMixin:
@@ -78,7 +90,9 @@ class _NoisyBatchNormMixin:
     bnext.noisy_batch_norm (batch statistics, affine, then s * a + m with fresh noise per call);
     in eval, plain BatchNorm (no noise)."""
 
-    def _init_noise(self, noise_mean, noise_std, noise_mean_spread, noise_std_spread, generator):
+    def _init_noise(self, noise_mean, noise_std, noise_mean_spread, noise_std_spread, generator, process_group):
+        _dist.check_process_group(type(self).__name__, process_group)
+        self.process_group = process_group
         _check_noise_args(type(self).__name__, noise_mean, noise_std, noise_mean_spread, noise_std_spread)
         self.noise_mean, self.noise_std = float(noise_mean), float(noise_std)
         self.noise_mean_spread, self.noise_std_spread = float(noise_mean_spread), float(noise_std_spread)
@@ -95,6 +109,12 @@ class _NoisyBatchNormMixin:
             return batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                               use_batch_stats, factor, self.eps)
         track = self.track_running_stats
+        if _dist.is_synchronized(getattr(self, "process_group", None), True):
+            return _dist.sync_noisy_batch_norm(
+                input, self.running_mean if track else None, self.running_var if track else None,
+                self.weight, self.bias, factor, self.eps,
+                [self.noise_mean, self.noise_std, self.noise_mean_spread, self.noise_std_spread],
+                self.generator, self.process_group)
         return noisy_batch_norm(
             input, self.running_mean if track else None, self.running_var if track else None,
             self.weight, self.bias, True, factor, self.eps, self.noise_mean, self.noise_std,
@@ -108,14 +128,15 @@ class _NoisyBatchNormMixin:
 def _noisy_class(base, dims):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  device=None, dtype=None, noise_mean=0.5, noise_std=1.25, noise_mean_spread=0.1,
-                 noise_std_spread=0.1, generator: Optional[torch.Generator] = None):
+                 noise_std_spread=0.1, generator: Optional[torch.Generator] = None, process_group=None):
         base.__init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self._init_noise(noise_mean, noise_std, noise_mean_spread, noise_std_spread, generator)
+        self._init_noise(noise_mean, noise_std, noise_mean_spread, noise_std_spread, generator, process_group)
 
     name = f"NoisyBatchNorm{dims}d"
     doc = (f"Noisy BatchNorm{dims}d (PAPER.md, Algorithm 1): {base.__name__}'s arguments, parameters and "
            "state_dict, plus noise_mean, noise_std, noise_mean_spread, noise_std_spread (see "
-           "bnext.noisy_batch_norm) and an optional torch.Generator for the noise seeds.")
+           "bnext.noisy_batch_norm), an optional torch.Generator for the noise seeds, and process_group "
+           "(synchronized statistics across ranks in training, see bnext.distributed).")
     return type(name, (_NoisyBatchNormMixin, base), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
 
@@ -133,10 +154,13 @@ class _LpNorm(torch.nn.Module):
     _expected = ""
 
     def __init__(self, num_features: int, p, eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None):
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 process_group=None):
         super().__init__()
         name = type(self).__name__
         self.p = check_p(name, p)
+        _dist.check_process_group(name, process_group)
+        self.process_group = process_group
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
         factory = {"device": device, "dtype": dtype}
@@ -182,6 +206,10 @@ class _LpNorm(torch.nn.Module):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_norm is None)
         track = not self.training or self.track_running_stats
+        if _dist.is_synchronized(getattr(self, "process_group", None), self.training):
+            return _dist.sync_lp_norm(input, self.p, self.running_mean if track else None,
+                                      self.running_norm if track else None, self.weight, self.bias, factor,
+                                      self.eps, self.process_group)
         return lp_norm(input, self.p, self.running_mean if track else None, self.running_norm if track else None,
                        self.weight, self.bias, use_batch_stats, factor, self.eps)
 
@@ -229,7 +257,7 @@ def _spatial_dims(module) -> Optional[int]:
     return None
 
 
-def _convert_one(module, to: str):
+def _convert_one(module, to: str, process_group):
     dims = _spatial_dims(module)
     if dims is None:
         return None
@@ -238,11 +266,15 @@ def _convert_one(module, to: str):
     cls = _TARGETS[to][dims]
     p = _TARGET_P.get(to)
     if type(module) is cls and (p is None or module.p == p):
+        if to != "torch":
+            module.process_group = process_group
         return module
     ref = module.weight if module.weight is not None else module.running_mean
     factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
     args = dict(eps=module.eps, momentum=module.momentum, affine=module.affine,
                 track_running_stats=module.track_running_stats, **factory)
+    if to != "torch":
+        args["process_group"] = process_group
     new = cls(module.num_features, p, **args) if p is not None else cls(module.num_features, **args)
     # Keep the state that maps: affine parameters, running mean, batch count, and the second running
     # statistic only between layers of the same kind (variance, or an l_p norm of the same p).
@@ -261,7 +293,7 @@ def _convert_one(module, to: str):
     return new
 
 
-def convert(model: torch.nn.Module, to: str = "bn") -> torch.nn.Module:
+def convert(model: torch.nn.Module, to: str = "bn", process_group=None) -> torch.nn.Module:
     """Returns `model` with every normalization layer replaced: torch's BatchNorm1d/2d/3d (and
     subclasses), and bnext's BatchNorm, NoisyBatchNorm and LpNorm layers.
 
@@ -275,14 +307,22 @@ def convert(model: torch.nn.Module, to: str = "bn") -> torch.nn.Module:
     and running_norm between l_p layers of the same p (otherwise they start at 1).
     The model is changed in place (and returned); a model that is itself a normalization layer is
     returned as a new module (or itself when it is already of the target kind).
+    process_group: every bnext layer of the result gets it (like
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm): in training, with a group of world size > 1, the
+    statistics are those of the global batch (bnext.distributed). None (default) makes the layers
+    local; a group cannot be given with to="torch" or "none".
     """
     if to not in _ALL_TARGETS:
         raise ValueError(f"bnext.nn.convert: to must be one of {_ALL_TARGETS}, got {to!r}")
-    replaced = _convert_one(model, to)
+    _dist.check_process_group("bnext.nn.convert", process_group)
+    if process_group is not None and to in ("torch", "none"):
+        raise ValueError(f"bnext.nn.convert: process_group must be None with to={to!r} (only bnext layers "
+                         "synchronize; use torch.nn.SyncBatchNorm.convert_sync_batchnorm for torch's)")
+    replaced = _convert_one(model, to, process_group)
     if replaced is not None:
         return replaced
     for name, child in model.named_children():
-        new = convert(child, to)
+        new = convert(child, to, process_group)
         if new is not child:
             setattr(model, name, new)
     return model
