@@ -62,6 +62,20 @@ def check_process_group(op: str, process_group):
                         f"got {type(process_group).__name__}")
 
 
+class GroupRef:
+    """A process group held by reference: copy.deepcopy shares it, pickling drops it (None)."""
+    __slots__ = ("group",)
+
+    def __init__(self, group):
+        self.group = group
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return (GroupRef, (None,))
+
+
 def is_synchronized(process_group, training: bool) -> bool:
     """True when a layer with this group synchronizes: training, and a group of world size > 1."""
     if process_group is None or not training:

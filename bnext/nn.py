@@ -19,17 +19,29 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "NoisyBatchNorm1d", "Noi
            "NoisyBatchNorm3d", "LpNorm1d", "LpNorm2d", "LpNorm3d", "convert"]
 
 
-class _FusedBatchNormMixin:
+class _ProcessGroupMixin:
+    """The `process_group` of a layer (bnext.distributed): None, or a torch.distributed.ProcessGroup,
+    checked when set. Held by reference so that copy.deepcopy(model) shares the group (a ProcessGroup
+    cannot be copied) and pickling drops it; it is not part of the state_dict."""
+
+    @property
+    def process_group(self):
+        ref = self.__dict__.get("_process_group_ref")
+        return None if ref is None else ref.group
+
+    @process_group.setter
+    def process_group(self, group):
+        _dist.check_process_group(type(self).__name__, group)
+        self.__dict__["_process_group_ref"] = _dist.GroupRef(group)
+
+
+class _FusedBatchNormMixin(_ProcessGroupMixin):
     """forward() of torch's _BatchNorm, routed to bnext.batch_norm."""
 
     def _init_activation(self, activation: Optional[str]):
         if activation not in (None, "relu"):
             raise ValueError(f"{type(self).__name__}: activation must be None or 'relu', got {activation!r}")
         self.activation = activation
-
-    def _init_process_group(self, process_group):
-        _dist.check_process_group(type(self).__name__, process_group)
-        self.process_group = process_group
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -40,7 +52,7 @@ class _FusedBatchNormMixin:
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
-        if _dist.is_synchronized(getattr(self, "process_group", None), self.training):
+        if _dist.is_synchronized(self.process_group, self.training):
             return _dist.sync_batch_norm(
                 input, self.running_mean if track else None, self.running_var if track else None,
                 self.weight, self.bias, factor, self.eps, self.activation, self.process_group)
@@ -62,7 +74,7 @@ class BatchNorm1d(_FusedBatchNormMixin, torch.nn.BatchNorm1d):
                  device=None, dtype=None, activation: Optional[str] = None, process_group=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self._init_activation(activation)
-        self._init_process_group(process_group)
+        self.process_group = process_group
 
 
 class BatchNorm2d(_FusedBatchNormMixin, torch.nn.BatchNorm2d):
@@ -72,7 +84,7 @@ class BatchNorm2d(_FusedBatchNormMixin, torch.nn.BatchNorm2d):
                  device=None, dtype=None, activation: Optional[str] = None, process_group=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self._init_activation(activation)
-        self._init_process_group(process_group)
+        self.process_group = process_group
 
 
 class BatchNorm3d(_FusedBatchNormMixin, torch.nn.BatchNorm3d):
@@ -82,16 +94,15 @@ class BatchNorm3d(_FusedBatchNormMixin, torch.nn.BatchNorm3d):
                  device=None, dtype=None, activation: Optional[str] = None, process_group=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self._init_activation(activation)
-        self._init_process_group(process_group)
+        self.process_group = process_group
 
 
-class _NoisyBatchNormMixin:
+class _NoisyBatchNormMixin(_ProcessGroupMixin):
     """Noisy BatchNorm (the paper's Algorithm 1) on top of torch's _BatchNorm state: in training,
     bnext.noisy_batch_norm (batch statistics, affine, then s * a + m with fresh noise per call);
     in eval, plain BatchNorm (no noise)."""
 
     def _init_noise(self, noise_mean, noise_std, noise_mean_spread, noise_std_spread, generator, process_group):
-        _dist.check_process_group(type(self).__name__, process_group)
         self.process_group = process_group
         _check_noise_args(type(self).__name__, noise_mean, noise_std, noise_mean_spread, noise_std_spread)
         self.noise_mean, self.noise_std = float(noise_mean), float(noise_std)
@@ -109,7 +120,7 @@ class _NoisyBatchNormMixin:
             return batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                               use_batch_stats, factor, self.eps)
         track = self.track_running_stats
-        if _dist.is_synchronized(getattr(self, "process_group", None), True):
+        if _dist.is_synchronized(self.process_group, True):
             return _dist.sync_noisy_batch_norm(
                 input, self.running_mean if track else None, self.running_var if track else None,
                 self.weight, self.bias, factor, self.eps,
@@ -145,7 +156,7 @@ NoisyBatchNorm2d = _noisy_class(torch.nn.BatchNorm2d, 2)
 NoisyBatchNorm3d = _noisy_class(torch.nn.BatchNorm3d, 3)
 
 
-class _LpNorm(torch.nn.Module):
+class _LpNorm(_ProcessGroupMixin, torch.nn.Module):
     """l_p normalization per channel (bnext.lp_norm), p in {1, 2, inf}: like a BatchNorm module
     (weight, bias, running_mean, num_batches_tracked, momentum=None for a cumulative average,
     track_running_stats), with running_norm (init 1) in place of running_var."""
@@ -159,7 +170,6 @@ class _LpNorm(torch.nn.Module):
         super().__init__()
         name = type(self).__name__
         self.p = check_p(name, p)
-        _dist.check_process_group(name, process_group)
         self.process_group = process_group
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
@@ -206,7 +216,7 @@ class _LpNorm(torch.nn.Module):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_norm is None)
         track = not self.training or self.track_running_stats
-        if _dist.is_synchronized(getattr(self, "process_group", None), self.training):
+        if _dist.is_synchronized(self.process_group, self.training):
             return _dist.sync_lp_norm(input, self.p, self.running_mean if track else None,
                                       self.running_norm if track else None, self.weight, self.bias, factor,
                                       self.eps, self.process_group)
