@@ -39,12 +39,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, case, args, errors):
+def _worker(rank, world, port, cases, errors):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        globals()[case](rank, world, *args)
+        for case, args in cases:
+            globals()[case](rank, world, *args)
     except BaseException:  # reported to the parent, which fails the test with the traceback
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise
@@ -52,11 +53,12 @@ def _worker(rank, world, port, case, args, errors):
         dist.destroy_process_group()
 
 
-def _spawn(world, case, *args):
+def _spawn(world, *cases):
+    """Runs the named case functions, in order, on `world` fresh gloo processes (one process group)."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     try:
-        mp.spawn(_worker, args=(world, _free_port(), case, args, errors), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, _free_port(), cases, errors), nprocs=world, join=True)
     except Exception as e:  # noqa: BLE001
         msgs = []
         while not errors.empty():
@@ -259,27 +261,16 @@ def case_global_count_one(rank, world):
 # Tests (multi-process)
 # -------------------------------------------------------------------------------------------------
 
+# Few spawns (each costs a few seconds of imports), many checks in each.
+
 def test_two_processes_match_single_process():
-    _spawn(2, "case_layers", [(5, 3), (4, 0), (1, 6)])
+    _spawn(2, ("case_layers", ([(5, 3), (4, 0), (1, 6)],)), ("case_float32_large_mean", ((6, 2),)),
+           ("case_collectives_per_layer", ()), ("case_ddp_step", ((5, 2),)), ("case_global_count_one", ()))
 
 
 def test_three_processes_match_single_process():
-    _spawn(3, "case_layers", [(3, 0, 4), (2, 2, 2), (0, 0, 5)])
-
-
-def test_float32_large_mean_and_collective_count():
-    _spawn(2, "case_float32_large_mean", (6, 2))
-    _spawn(2, "case_collectives_per_layer")
-
-
-def test_ddp_gradients_match_single_process():
-    _spawn(2, "case_ddp_step", (5, 2))
-    _spawn(3, "case_ddp_step", (3, 0, 4))
-
-
-def test_convert_with_process_group_and_errors():
-    _spawn(3, "case_convert")
-    _spawn(2, "case_global_count_one")
+    _spawn(3, ("case_layers", ([(3, 0, 4), (2, 2, 2), (0, 0, 5)],)), ("case_ddp_step", ((3, 0, 4),)),
+           ("case_convert", ()))
 
 
 # -------------------------------------------------------------------------------------------------
