@@ -10,6 +10,8 @@ concatenation of every rank's local batch in rank order), and so are the backwar
     backward: eval-mode backward (kernel: dx_eval and the local sums in one pass)  -> ONE
               all_reduce of the sums  -> dx = dx_eval - a_c - b_c * dir(x - center_c)
               (kernel sync_backward_elementwise, csrc/common/sync_math.h)
+Local statistics come from the kernels batch_norm_stats / lp_norm_stats (the statistics passes of
+the fused forward, returned in fp64).
 
 Statistics per kind:
   BatchNorm:  (count, mean, M2) per rank, merged with Chan's parallel Welford formula in fp64
@@ -41,7 +43,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import _acc_dtype, _ops, draw_seed, update_running_stats
+from .ops import _acc_dtype, _ops, check_norm_args, draw_seed, update_running_stats
 
 __all__ = ["check_process_group", "is_synchronized", "sync_batch_norm", "sync_noisy_batch_norm",
            "sync_lp_norm", "merge_welford"]
@@ -195,6 +197,8 @@ class _SyncBatchNorm(torch.autograd.Function):
 
 
 def _sync_bn(op, input, running_mean, running_var, weight, bias, momentum, eps, relu, group, seed, noise):
+    check_norm_args(op, input, {"running_mean": running_mean, "running_var": running_var, "weight": weight,
+                                "bias": bias}, eps, momentum)
     y, mean, var, total = _SyncBatchNorm.apply(input, weight, bias, eps, relu, group, seed, noise)
     total = int(total)
     _check_global_count(op, total, f"local input {tuple(input.shape)}")
@@ -207,7 +211,7 @@ def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: 
                     weight: Optional[Tensor], bias: Optional[Tensor], momentum: float, eps: float,
                     activation: Optional[str], process_group) -> Tensor:
     """Training-mode bnext.batch_norm with the statistics of the global batch over `process_group`
-    (see the module docstring). Arguments are checked by the caller (bnext.nn)."""
+    (see the module docstring)."""
     return _sync_bn("bnext.nn.BatchNorm (synchronized)", input, running_mean, running_var, weight, bias,
                     momentum, eps, activation == "relu", process_group, None, None)
 
@@ -226,23 +230,11 @@ def sync_noisy_batch_norm(input: Tensor, running_mean: Optional[Tensor], running
 # l_p normalization
 # -------------------------------------------------------------------------------------------------
 
-def _lp_local_stats(input: Tensor, p: float, eps: float):
-    """Per-channel fp64 (sum x, sum |x|^p or max |x|, local arg-max position or -1) of the local batch.
-    The local statistics come from lp_norm_forward's statistics pass (its output is not used)."""
-    C = input.shape[1]
-    count, _ = _counts(input)
-    zeros = torch.zeros(C, dtype=torch.float64, device=input.device)
-    if count == 0:
-        return zeros, zeros.clone(), torch.full((C,), -1.0, dtype=torch.float64, device=input.device)
-    _y, mean, norm, argmax = _ops.lp_norm_forward(input, p, None, None, None, None, True, float(eps))
-    mean, norm = mean.to(torch.float64), norm.to(torch.float64)
-    if p == 1.0:
-        power = norm * count
-    elif p == 2.0:
-        power = norm * norm * count
-    else:
-        power = norm
-    return mean * count, power, argmax.to(torch.float64)
+def _lp_local_stats(input: Tensor, p: float):
+    """Per-channel fp64 (sum x, sum |x|^p or max |x|, local arg-max position or -1) of the local batch
+    (kernel lp_norm_stats: lp_norm_forward's statistics pass)."""
+    s, power, arg = _ops.lp_norm_stats(input, p)
+    return s, power, arg.to(torch.float64)
 
 
 class _SyncLpNorm(torch.autograd.Function):
@@ -253,7 +245,7 @@ class _SyncLpNorm(torch.autograd.Function):
         dist = _dist()
         C = input.shape[1]
         count, _N = _counts(input)
-        s, power, arg = _lp_local_stats(input, p, eps)
+        s, power, arg = _lp_local_stats(input, p)
         header = torch.tensor([count], dtype=torch.float64, device=input.device)
         rows = _all_gather_rows(torch.cat([header, s, power, arg]), group)
         counts = [int(v) for v in rows[:, 0].cpu().tolist()]
@@ -331,6 +323,8 @@ def sync_lp_norm(input: Tensor, p: float, running_mean: Optional[Tensor], runnin
                  process_group) -> Tensor:
     """Training-mode bnext.lp_norm with the statistics of the global batch (see the module docstring)."""
     op = "bnext.nn.LpNorm (synchronized)"
+    check_norm_args(op, input, {"running_mean": running_mean, "running_norm": running_norm, "weight": weight,
+                                "bias": bias}, eps, momentum)
     y, mean, norm, total = _SyncLpNorm.apply(input, float(p), weight, bias, eps, process_group)
     total = int(total)
     _check_global_count(op, total, f"local input {tuple(input.shape)}")

@@ -738,6 +738,13 @@ def _batch_norm_stats_fake(input):
     return mean, mean.new_empty((C,))
 
 
+@torch.library.register_fake("bnext::lp_norm_stats")
+def _lp_norm_stats_fake(input, p):
+    C = input.shape[1]
+    s = input.new_empty((C,), dtype=torch.float64)
+    return s, s.new_empty((C,)), input.new_empty((C,), dtype=torch.int64)
+
+
 @torch.library.register_fake("bnext::sync_backward_elementwise")
 def _sync_backward_elementwise_fake(grad_eval, input, center, a, b, sign):
     return _empty_in_kernel_layout(input)

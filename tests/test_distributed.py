@@ -134,16 +134,15 @@ def _check(rank, world, kind, split, spatial, channels_last, seed, dtype=torch.f
     C, dims = 3, max(1, len(spatial))
     x_full, dy_full = _input(kind, split, C, spatial, seed, dtype)
     x_full = x_full + big
-    y_ref, gx_ref, gw_ref, gb_ref, stats_ref = _reference(kind, x_full.double() if big else x_full,
-                                                          dy_full.double() if big else dy_full, C, dims)
+    y_ref, gx_ref, gw_ref, gb_ref, stats_ref = _reference(kind, x_full.double(), dy_full.double(), C, dims)
     lo = sum(split[:rank])
     sl = slice(lo, lo + split[rank])
     x = x_full[sl].clone()
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
-    m = _layer(kind, C, dims, process_group=dist.group.WORLD,
-               generator=torch.Generator().manual_seed(99 + 7 * rank), dtype=dtype)
+    m = _layer(kind, C, dims, process_group=dist.group.WORLD, generator=torch.Generator().manual_seed(99 + 7 * rank),
+               dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
     y = m(x)
     (y * dy_full[sl]).sum().backward()
     where = f"{kind} split={split} spatial={spatial} channels_last={channels_last} rank={rank}"
@@ -170,9 +169,12 @@ def case_layers(rank, world, splits):
         _check(rank, world, "noisy", split, (4,), False, seed=13)
 
 
-def case_float32_large_mean(rank, world, split):
+def case_low_precision(rank, world, split):
     # fp32 data at |mean| >> std: the fp64 Chan merge keeps the variance; compare with float64 torch.
     _check(rank, world, "bn", split, (4, 4), False, seed=3, dtype=torch.float32, tol=2e-3, big=1e4)
+    # bfloat16 input (fp32 parameters and statistics), channels-last, against float64.
+    for kind in ("bn_relu", "noisy", "l2"):
+        _check(rank, world, kind, split, (4, 4), True, seed=4, dtype=torch.bfloat16, tol=5e-2)
 
 
 def case_collectives_per_layer(rank, world):
@@ -264,7 +266,7 @@ def case_global_count_one(rank, world):
 # Few spawns (each costs a few seconds of imports), many checks in each.
 
 def test_two_processes_match_single_process():
-    _spawn(2, ("case_layers", ([(5, 3), (4, 0), (1, 6)],)), ("case_float32_large_mean", ((6, 2),)),
+    _spawn(2, ("case_layers", ([(5, 3), (4, 0), (1, 6)],)), ("case_low_precision", ((6, 2),)),
            ("case_collectives_per_layer", ()), ("case_ddp_step", ((5, 2),)), ("case_global_count_one", ()))
 
 
@@ -304,6 +306,28 @@ def test_batch_norm_stats(channels_last, dtype):
     torch.library.opcheck(ops.batch_norm_stats, (x,))
     zeros = ops.batch_norm_stats(x[:0])
     assert zeros[0].abs().sum() == 0 and zeros[1].abs().sum() == 0
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, math.inf])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lp_norm_stats(p, channels_last):
+    x = torch.randint(-4, 5, (5, 3, 4, 2)).to(torch.float64)  # integers: ties of max |x|
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    s, power, arg = ops.lp_norm_stats(x, p)
+    assert s.dtype == power.dtype == torch.float64 and arg.dtype == torch.int64
+    torch.testing.assert_close(s, x.sum((0, 2, 3)), rtol=0, atol=1e-12)
+    a = x.abs().transpose(0, 1).reshape(3, -1)  # per channel, positions n * S + s in order
+    if math.isinf(p):
+        torch.testing.assert_close(power, a.amax(1), rtol=0, atol=0)
+        first = torch.tensor([int(torch.nonzero(a[c] == a[c].max())[0]) for c in range(3)])
+        assert torch.equal(arg, first)
+    else:
+        torch.testing.assert_close(power, (a ** p).sum(1), rtol=0, atol=1e-12)
+        assert torch.equal(arg, torch.full((3,), -1))
+    torch.library.opcheck(ops.lp_norm_stats, (x, p))
+    empty = ops.lp_norm_stats(x[:0], p)
+    assert empty[0].abs().sum() == 0 and empty[1].abs().sum() == 0 and (empty[2] == -1).all()
 
 
 @pytest.mark.parametrize("sign", [False, True])

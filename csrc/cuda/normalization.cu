@@ -1254,6 +1254,20 @@ struct NoiseApplyOp {
   }
 };
 
+// l_p totals -> fp64 (sum x, sum |x|^p or max |x|) and the arg-max position, for the cross-rank merge.
+template <typename acc_t>
+struct LpSumsFinish {
+  double* sum;
+  double* power;
+  int64_t* argmax;
+  LpKind p;
+  __device__ void operator()(int64_t c, const LpState<acc_t>& s) const {
+    sum[c] = static_cast<double>(s.sum);
+    power[c] = static_cast<double>(p == LpKind::kLinf ? s.max.max : s.pow);
+    argmax[c] = p == LpKind::kLinf ? s.max.index : -1;
+  }
+};
+
 Tensor sync_channel_acc(const Tensor& t, const char* name, const Tensor& input) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == input.size(1), "bnext.sync_backward_elementwise: ", name,
               " must be a 1-D tensor with one value per channel (", input.size(1), "), got shape ", t.sizes());
@@ -1334,6 +1348,31 @@ Tensor noise_apply_cuda(const Tensor& input, const Tensor& seed, at::ArrayRef<do
     });
   });
   return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor> lp_norm_stats_cuda(const Tensor& input, double p) {
+  check_input(input);
+  TORCH_CHECK(input.is_cuda(), "bnext: the CUDA kernel got input on ", input.device());
+  const LpKind kind = lp_kind(p);
+  const c10::cuda::CUDAGuard guard(input.device());
+  Geometry g;
+  const Tensor x = to_kernel_layout(input, &g);
+  Tensor sum = at::zeros({g.C}, input.options().dtype(at::kDouble));
+  Tensor power = at::zeros({g.C}, input.options().dtype(at::kDouble));
+  Tensor argmax = at::full({g.C}, -1, input.options().dtype(at::kLong));
+  if (g.numel() == 0) return {sum, power, argmax};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnext_lp_norm_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using dev_t = typename DeviceScalar<scalar_t>::type;
+    with_lp_kind(kind, [&](auto P) {
+      reduce_and_merge(LpStatsPolicy<dev_t, acc_t, decltype(P)::value>{device_ptr<scalar_t>(x), flat_geometry(g)}, g,
+                       x, sm_count(x.device()),
+                       LpSumsFinish<acc_t>{sum.mutable_data_ptr<double>(), power.mutable_data_ptr<double>(),
+                                           argmax.mutable_data_ptr<int64_t>(), kind},
+                       c10::cuda::getCurrentCUDAStream());
+    });
+  });
+  return {sum, power, argmax};
 }
 
 }  // namespace bnext
