@@ -117,20 +117,22 @@ def _input(kind, split, C, spatial, seed, dtype):
     return x.to(dtype), torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
 
 
-def _all_sum(t):
+def _all_sum(t, group=None):
     t = t.clone()
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     return t
 
 
-def _assert_same_on_all_ranks(t, world, what):
+def _assert_same_on_all_ranks(t, world, what, group=None):
     rows = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(rows, t.contiguous())
+    dist.all_gather(rows, t.contiguous(), group=group)
     for r, row in enumerate(rows):
         assert torch.equal(row, rows[0]), f"{what} differs between rank 0 and rank {r}"
 
 
-def _check(rank, world, kind, split, spatial, channels_last, seed, dtype=torch.float64, tol=1e-10, big=0.0):
+def _check(rank, world, kind, split, spatial, channels_last, seed, dtype=torch.float64, tol=1e-10, big=0.0,
+           group=None):
+    """`rank`/`world`: within `group` (default: the whole world)."""
     C, dims = 3, max(1, len(spatial))
     x_full, dy_full = _input(kind, split, C, spatial, seed, dtype)
     x_full = x_full + big
@@ -141,7 +143,7 @@ def _check(rank, world, kind, split, spatial, channels_last, seed, dtype=torch.f
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
-    m = _layer(kind, C, dims, process_group=dist.group.WORLD, generator=torch.Generator().manual_seed(99 + 7 * rank),
+    m = _layer(kind, C, dims, process_group=dist.group.WORLD if group is None else group, generator=torch.Generator().manual_seed(99 + 7 * rank),
                dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
     y = m(x)
     (y * dy_full[sl]).sum().backward()
@@ -149,14 +151,14 @@ def _check(rank, world, kind, split, spatial, channels_last, seed, dtype=torch.f
     kw = dict(atol=tol, rtol=tol)
     torch.testing.assert_close(y.double(), y_ref[sl].double(), **kw, msg=lambda m: f"output, {where}: {m}")
     torch.testing.assert_close(x.grad.double(), gx_ref[sl].double(), **kw, msg=lambda m: f"grad input, {where}: {m}")
-    gw, gb = _all_sum(m.weight.grad.double()), _all_sum(m.bias.grad.double())
+    gw, gb = _all_sum(m.weight.grad.double(), group), _all_sum(m.bias.grad.double(), group)
     torch.testing.assert_close(gw, gw_ref.double(), **kw, msg=lambda m: f"grad weight, {where}: {m}")
     torch.testing.assert_close(gb, gb_ref.double(), **kw, msg=lambda m: f"grad bias, {where}: {m}")
     second = m.running_var if kind in ("bn", "bn_relu", "noisy") else m.running_norm
     for name, got, ref in (("running_mean", m.running_mean, stats_ref[0]), ("running second stat", second,
                                                                              stats_ref[1])):
         torch.testing.assert_close(got.double(), ref.double(), **kw, msg=lambda m: f"{name}, {where}: {m}")
-        _assert_same_on_all_ranks(got, world, f"{name} ({where})")
+        _assert_same_on_all_ranks(got, world, f"{name} ({where})", group)
 
 
 def case_layers(rank, world, splits):
@@ -252,6 +254,15 @@ def case_ddp_step(rank, world, split):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-10, rtol=1e-9, msg=lambda m: f"{name}: {m}")
 
 
+def case_subgroup(rank, world):
+    """A group of global ranks {0, 2} out of 3: positions and noise offsets follow the rank IN the group."""
+    group = dist.new_group([0, 2])  # every rank takes part in creating it
+    if rank == 1:
+        return
+    for k, kind in enumerate(KINDS):
+        _check(dist.get_rank(group), 2, kind, (2, 5), (3,), False, seed=40 + k, group=group)
+
+
 def case_global_count_one(rank, world):
     m = _layer("bn", 3, 1, process_group=dist.group.WORLD)
     x = torch.randn(1 if rank == 0 else 0, 3, dtype=torch.float64)
@@ -272,7 +283,7 @@ def test_two_processes_match_single_process():
 
 def test_three_processes_match_single_process():
     _spawn(3, ("case_layers", ([(3, 0, 4), (2, 2, 2), (0, 0, 5)],)), ("case_ddp_step", ((3, 0, 4),)),
-           ("case_convert", ()))
+           ("case_convert", ()), ("case_subgroup", ()))
 
 
 # -------------------------------------------------------------------------------------------------
