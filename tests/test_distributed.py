@@ -143,7 +143,8 @@ def _check(rank, world, kind, split, spatial, channels_last, seed, dtype=torch.f
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
-    m = _layer(kind, C, dims, process_group=dist.group.WORLD if group is None else group, generator=torch.Generator().manual_seed(99 + 7 * rank),
+    m = _layer(kind, C, dims, process_group=dist.group.WORLD if group is None else group,
+               generator=torch.Generator().manual_seed(99 + 7 * rank),
                dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
     y = m(x)
     (y * dy_full[sl]).sum().backward()
@@ -428,8 +429,8 @@ def test_vgg_data_parallel_matches_one_process(tmp_path):
             "--norms", "bn,noisy_bn,linf", "--no-progress", "--threads", "1"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     for name, extra in (("dp", ["--procs", "2", "--data-parallel"]), ("single", ["--procs", "1"])):
-        r = subprocess.run([sys.executable, "-m", "bnext.experiments.vgg", *tiny, *extra, "--out", str(tmp_path / name)],
-                           capture_output=True, text=True, timeout=300, env=env)
+        cmd = [sys.executable, "-m", "bnext.experiments.vgg", *tiny, *extra, "--out", str(tmp_path / name)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for norm in ("bn", "noisy_bn", "linf"):
         run_id = f"main-{norm}-lr0.1-s0"
