@@ -396,7 +396,7 @@ def test_bad_process_group_names_the_argument(make):
         make("world")
 
 
-def test_without_a_group_or_world_size_one_layers_stay_local():
+def test_without_a_group_layers_stay_local():
     m = bnn.BatchNorm2d(3, process_group=None)
     x = torch.randn(4, 3, 2, 2, dtype=torch.float32)
     torch.testing.assert_close(m(x), F.batch_norm(x, None, None, training=True))
