@@ -13,12 +13,29 @@ from torch import Tensor
 import math
 
 from .ops import batch_norm, check_norm_args, check_p, lp_norm, noisy_batch_norm, _check_noise_args
+from . import distributed as _dist
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "NoisyBatchNorm1d", "NoisyBatchNorm2d",
            "NoisyBatchNorm3d", "LpNorm1d", "LpNorm2d", "LpNorm3d", "convert"]
 
 
-class _FusedBatchNormMixin:
+class _ProcessGroupMixin:
+    """The `process_group` of a layer (bnext.distributed): None, or a torch.distributed.ProcessGroup,
+    checked when set. Held by reference so that copy.deepcopy(model) shares the group (a ProcessGroup
+    cannot be copied) and pickling drops it; it is not part of the state_dict."""
+
+    @property
+    def process_group(self):
+        ref = self.__dict__.get("_process_group_ref")
+        return None if ref is None else ref.group
+
+    @process_group.setter
+    def process_group(self, group):
+        _dist.check_process_group(type(self).__name__, group)
+        self.__dict__["_process_group_ref"] = _dist.GroupRef(group)
+
+
+class _FusedBatchNormMixin(_ProcessGroupMixin):
     """forward() of torch's _BatchNorm, routed to bnext.batch_norm."""
 
     def _init_activation(self, activation: Optional[str]):
@@ -35,6 +52,10 @@ class _FusedBatchNormMixin:
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
+        if _dist.is_synchronized(self.process_group, self.training):
+            return _dist.sync_batch_norm(
+                input, self.running_mean if track else None, self.running_var if track else None,
+                self.weight, self.bias, factor, self.eps, self.activation, self.process_group)
         return batch_norm(
             input,
             self.running_mean if track else None,
@@ -50,35 +71,39 @@ class BatchNorm1d(_FusedBatchNormMixin, torch.nn.BatchNorm1d):
     """torch.nn.BatchNorm1d on bnext kernels; ``activation="relu"`` fuses a ReLU."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, activation: Optional[str] = None):
+                 device=None, dtype=None, activation: Optional[str] = None, process_group=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self._init_activation(activation)
+        self.process_group = process_group
 
 
 class BatchNorm2d(_FusedBatchNormMixin, torch.nn.BatchNorm2d):
     """torch.nn.BatchNorm2d on bnext kernels; ``activation="relu"`` fuses a ReLU."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, activation: Optional[str] = None):
+                 device=None, dtype=None, activation: Optional[str] = None, process_group=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self._init_activation(activation)
+        self.process_group = process_group
 
 
 class BatchNorm3d(_FusedBatchNormMixin, torch.nn.BatchNorm3d):
     """torch.nn.BatchNorm3d on bnext kernels; ``activation="relu"`` fuses a ReLU."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, activation: Optional[str] = None):
+                 device=None, dtype=None, activation: Optional[str] = None, process_group=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self._init_activation(activation)
+        self.process_group = process_group
 
 
-class _NoisyBatchNormMixin:
+class _NoisyBatchNormMixin(_ProcessGroupMixin):
     """Noisy BatchNorm (the paper's Algorithm 1) on top of torch's _BatchNorm state: in training,
     bnext.noisy_batch_norm (batch statistics, affine, then s * a + m with fresh noise per call);
     in eval, plain BatchNorm (no noise)."""
 
-    def _init_noise(self, noise_mean, noise_std, noise_mean_spread, noise_std_spread, generator):
+    def _init_noise(self, noise_mean, noise_std, noise_mean_spread, noise_std_spread, generator, process_group):
+        self.process_group = process_group
         _check_noise_args(type(self).__name__, noise_mean, noise_std, noise_mean_spread, noise_std_spread)
         self.noise_mean, self.noise_std = float(noise_mean), float(noise_std)
         self.noise_mean_spread, self.noise_std_spread = float(noise_mean_spread), float(noise_std_spread)
@@ -95,6 +120,12 @@ class _NoisyBatchNormMixin:
             return batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                               use_batch_stats, factor, self.eps)
         track = self.track_running_stats
+        if _dist.is_synchronized(self.process_group, True):
+            return _dist.sync_noisy_batch_norm(
+                input, self.running_mean if track else None, self.running_var if track else None,
+                self.weight, self.bias, factor, self.eps,
+                [self.noise_mean, self.noise_std, self.noise_mean_spread, self.noise_std_spread],
+                self.generator, self.process_group)
         return noisy_batch_norm(
             input, self.running_mean if track else None, self.running_var if track else None,
             self.weight, self.bias, True, factor, self.eps, self.noise_mean, self.noise_std,
@@ -108,14 +139,15 @@ class _NoisyBatchNormMixin:
 def _noisy_class(base, dims):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  device=None, dtype=None, noise_mean=0.5, noise_std=1.25, noise_mean_spread=0.1,
-                 noise_std_spread=0.1, generator: Optional[torch.Generator] = None):
+                 noise_std_spread=0.1, generator: Optional[torch.Generator] = None, process_group=None):
         base.__init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self._init_noise(noise_mean, noise_std, noise_mean_spread, noise_std_spread, generator)
+        self._init_noise(noise_mean, noise_std, noise_mean_spread, noise_std_spread, generator, process_group)
 
     name = f"NoisyBatchNorm{dims}d"
     doc = (f"Noisy BatchNorm{dims}d (PAPER.md, Algorithm 1): {base.__name__}'s arguments, parameters and "
            "state_dict, plus noise_mean, noise_std, noise_mean_spread, noise_std_spread (see "
-           "bnext.noisy_batch_norm) and an optional torch.Generator for the noise seeds.")
+           "bnext.noisy_batch_norm), an optional torch.Generator for the noise seeds, and process_group "
+           "(synchronized statistics across ranks in training, see bnext.distributed).")
     return type(name, (_NoisyBatchNormMixin, base), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
 
@@ -124,7 +156,7 @@ NoisyBatchNorm2d = _noisy_class(torch.nn.BatchNorm2d, 2)
 NoisyBatchNorm3d = _noisy_class(torch.nn.BatchNorm3d, 3)
 
 
-class _LpNorm(torch.nn.Module):
+class _LpNorm(_ProcessGroupMixin, torch.nn.Module):
     """l_p normalization per channel (bnext.lp_norm), p in {1, 2, inf}: like a BatchNorm module
     (weight, bias, running_mean, num_batches_tracked, momentum=None for a cumulative average,
     track_running_stats), with running_norm (init 1) in place of running_var."""
@@ -133,10 +165,12 @@ class _LpNorm(torch.nn.Module):
     _expected = ""
 
     def __init__(self, num_features: int, p, eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None):
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 process_group=None):
         super().__init__()
         name = type(self).__name__
         self.p = check_p(name, p)
+        self.process_group = process_group
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
         factory = {"device": device, "dtype": dtype}
@@ -182,6 +216,10 @@ class _LpNorm(torch.nn.Module):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_norm is None)
         track = not self.training or self.track_running_stats
+        if _dist.is_synchronized(self.process_group, self.training):
+            return _dist.sync_lp_norm(input, self.p, self.running_mean if track else None,
+                                      self.running_norm if track else None, self.weight, self.bias, factor,
+                                      self.eps, self.process_group)
         return lp_norm(input, self.p, self.running_mean if track else None, self.running_norm if track else None,
                        self.weight, self.bias, use_batch_stats, factor, self.eps)
 
@@ -229,7 +267,7 @@ def _spatial_dims(module) -> Optional[int]:
     return None
 
 
-def _convert_one(module, to: str):
+def _convert_one(module, to: str, process_group):
     dims = _spatial_dims(module)
     if dims is None:
         return None
@@ -238,11 +276,15 @@ def _convert_one(module, to: str):
     cls = _TARGETS[to][dims]
     p = _TARGET_P.get(to)
     if type(module) is cls and (p is None or module.p == p):
+        if to != "torch":
+            module.process_group = process_group
         return module
     ref = module.weight if module.weight is not None else module.running_mean
     factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
     args = dict(eps=module.eps, momentum=module.momentum, affine=module.affine,
                 track_running_stats=module.track_running_stats, **factory)
+    if to != "torch":
+        args["process_group"] = process_group
     new = cls(module.num_features, p, **args) if p is not None else cls(module.num_features, **args)
     # Keep the state that maps: affine parameters, running mean, batch count, and the second running
     # statistic only between layers of the same kind (variance, or an l_p norm of the same p).
@@ -261,7 +303,7 @@ def _convert_one(module, to: str):
     return new
 
 
-def convert(model: torch.nn.Module, to: str = "bn") -> torch.nn.Module:
+def convert(model: torch.nn.Module, to: str = "bn", process_group=None) -> torch.nn.Module:
     """Returns `model` with every normalization layer replaced: torch's BatchNorm1d/2d/3d (and
     subclasses), and bnext's BatchNorm, NoisyBatchNorm and LpNorm layers.
 
@@ -275,14 +317,22 @@ def convert(model: torch.nn.Module, to: str = "bn") -> torch.nn.Module:
     and running_norm between l_p layers of the same p (otherwise they start at 1).
     The model is changed in place (and returned); a model that is itself a normalization layer is
     returned as a new module (or itself when it is already of the target kind).
+    process_group: every bnext layer of the result gets it (like
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm): in training, with a group of world size > 1, the
+    statistics are those of the global batch (bnext.distributed). None (default) makes the layers
+    local; a group cannot be given with to="torch" or "none".
     """
     if to not in _ALL_TARGETS:
         raise ValueError(f"bnext.nn.convert: to must be one of {_ALL_TARGETS}, got {to!r}")
-    replaced = _convert_one(model, to)
+    _dist.check_process_group("bnext.nn.convert", process_group)
+    if process_group is not None and to in ("torch", "none"):
+        raise ValueError(f"bnext.nn.convert: process_group must be None with to={to!r} (only bnext layers "
+                         "synchronize; use torch.nn.SyncBatchNorm.convert_sync_batchnorm for torch's)")
+    replaced = _convert_one(model, to, process_group)
     if replaced is not None:
         return replaced
     for name, child in model.named_children():
-        new = convert(child, to)
+        new = convert(child, to, process_group)
         if new is not child:
             setattr(model, name, new)
     return model

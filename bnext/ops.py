@@ -724,3 +724,32 @@ def multi_axpy(params, direction, etas) -> list:
     if not x:
         return []
     return list(_ops.multi_axpy(x, d, etas))
+
+
+# -------------------------------------------------------------------------------------------------
+# Synchronized normalization building blocks (bnext/distributed.py; csrc/cpu/sync_normalization.cpp,
+# csrc/common/sync_math.h). Not differentiable themselves: distributed.py's autograd functions use them.
+# -------------------------------------------------------------------------------------------------
+
+@torch.library.register_fake("bnext::batch_norm_stats")
+def _batch_norm_stats_fake(input):
+    C = input.shape[1]
+    mean = input.new_empty((C,), dtype=torch.float64)
+    return mean, mean.new_empty((C,))
+
+
+@torch.library.register_fake("bnext::lp_norm_stats")
+def _lp_norm_stats_fake(input, p):
+    C = input.shape[1]
+    s = input.new_empty((C,), dtype=torch.float64)
+    return s, s.new_empty((C,)), input.new_empty((C,), dtype=torch.int64)
+
+
+@torch.library.register_fake("bnext::sync_backward_elementwise")
+def _sync_backward_elementwise_fake(grad_eval, input, center, a, b, sign):
+    return _empty_in_kernel_layout(input)
+
+
+@torch.library.register_fake("bnext::noise_apply")
+def _noise_apply_fake(input, seed, noise, noise_channels, sample_offset, forward):
+    return _empty_in_kernel_layout(input)

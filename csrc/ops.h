@@ -90,4 +90,24 @@ Tensor grad_stats_cuda(at::TensorList a, at::TensorList b);
 std::vector<Tensor> multi_axpy_cuda(at::TensorList x, at::TensorList d, at::ArrayRef<double> etas);
 #endif
 
+// Synchronized normalization (csrc/cpu/sync_normalization.cpp, csrc/common/sync_math.h).
+// batch_norm_stats: local per-channel (mean, m2) in fp64, zeros for an empty input.
+std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input);
+// lp_norm_stats: local fp64 (sum x, sum |x|^p or max |x|) and int64 first arg-max position (p = inf; else -1).
+std::tuple<Tensor, Tensor, Tensor> lp_norm_stats_cpu(const Tensor& input, double p);
+// dx = grad_eval - a_c - b_c * dir(x - center_c), dir = identity or sign.
+Tensor sync_backward_elementwise_cpu(const Tensor& grad_eval, const Tensor& input, const Tensor& center,
+                                     const Tensor& a, const Tensor& b, bool sign);
+// Noisy BatchNorm's noise at global sample offset: s * x + m (forward) or x * s (backward).
+Tensor noise_apply_cpu(const Tensor& input, const Tensor& seed, at::ArrayRef<double> noise, int64_t noise_channels,
+                       int64_t sample_offset, bool forward);
+#ifdef BNEXT_WITH_CUDA
+std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& input);
+std::tuple<Tensor, Tensor, Tensor> lp_norm_stats_cuda(const Tensor& input, double p);
+Tensor sync_backward_elementwise_cuda(const Tensor& grad_eval, const Tensor& input, const Tensor& center,
+                                      const Tensor& a, const Tensor& b, bool sign);
+Tensor noise_apply_cuda(const Tensor& input, const Tensor& seed, at::ArrayRef<double> noise, int64_t noise_channels,
+                        int64_t sample_offset, bool forward);
+#endif
+
 }  // namespace bnext

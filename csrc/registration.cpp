@@ -59,6 +59,16 @@ TORCH_LIBRARY(bnext, m) {
   m.def("grad_stats(Tensor[] a, Tensor[] b) -> Tensor");
   // out_i[k] = x_i - etas[k] * d_i, each out_i of shape (len(etas), *x_i.shape).
   m.def("multi_axpy(Tensor[] x, Tensor[] d, float[] etas) -> Tensor[]");
+  // Synchronized normalization (bnext/distributed.py): local BatchNorm statistics (mean, m2) in
+  // fp64; local l_p statistics (sum x, sum |x|^p or max |x|, arg-max position); the training dx from the eval dx and all-reduced per-channel coefficients,
+  // dx = grad_eval - a - b * dir(x - center) (csrc/common/sync_math.h); noisy BatchNorm's noise at a
+  // global sample offset (forward: s * x + m, backward: x * s).
+  m.def("batch_norm_stats(Tensor input) -> (Tensor, Tensor)");
+  m.def("lp_norm_stats(Tensor input, float p) -> (Tensor, Tensor, Tensor)");
+  m.def("sync_backward_elementwise(Tensor grad_eval, Tensor input, Tensor center, Tensor a, Tensor b, "
+        "bool sign) -> Tensor");
+  m.def("noise_apply(Tensor input, Tensor seed, float[] noise, int noise_channels, int sample_offset, "
+        "bool forward) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bnext, CPU, m) {
@@ -70,6 +80,10 @@ TORCH_LIBRARY_IMPL(bnext, CPU, m) {
   m.impl("lp_norm_backward", &bnext::lp_norm_backward_cpu);
   m.impl("grad_stats", &bnext::grad_stats_cpu);
   m.impl("multi_axpy", &bnext::multi_axpy_cpu);
+  m.impl("batch_norm_stats", &bnext::batch_norm_stats_cpu);
+  m.impl("lp_norm_stats", &bnext::lp_norm_stats_cpu);
+  m.impl("sync_backward_elementwise", &bnext::sync_backward_elementwise_cpu);
+  m.impl("noise_apply", &bnext::noise_apply_cpu);
 }
 
 #ifdef BNEXT_WITH_CUDA
@@ -82,5 +96,9 @@ TORCH_LIBRARY_IMPL(bnext, CUDA, m) {
   m.impl("lp_norm_backward", &bnext::lp_norm_backward_cuda);
   m.impl("grad_stats", &bnext::grad_stats_cuda);
   m.impl("multi_axpy", &bnext::multi_axpy_cuda);
+  m.impl("batch_norm_stats", &bnext::batch_norm_stats_cuda);
+  m.impl("lp_norm_stats", &bnext::lp_norm_stats_cuda);
+  m.impl("sync_backward_elementwise", &bnext::sync_backward_elementwise_cuda);
+  m.impl("noise_apply", &bnext::noise_apply_cuda);
 }
 #endif

@@ -99,6 +99,11 @@ def _execute(exp: Experiment, dist: Dist) -> int:
 
     t_start = time.perf_counter()
     task = exp.make_task(cfg, device, say)
+    data_parallel = getattr(cfg, "data_parallel", False)
+    if data_parallel:  # every run on all ranks together: DDP + synchronized normalization
+        from . import data_parallel as dp
+        task = dp.DataParallelTask(task, device)
+        say(f"data-parallel: each run on {dist.world} processes; {dp.NOT_MEASURED}")
     say(f"data: {task.data_source}")
     say(f"device: {device} ({env['device_name']}), bnext {env['bnext']} {env['bnext_kernels_ran']} kernels, "
         f"torch {env['torch']}, {cpu['threads']} threads, allocator tuned: {cpu['allocator_tuned']}"
@@ -119,13 +124,13 @@ def _execute(exp: Experiment, dist: Dist) -> int:
                                                       "environment": env, "data_source": task.data_source,
                                                       "runs": [s.run_id for s in specs],
                                                       "missing_norms": missing})
-    mine = assign(runnable, dist.world)[dist.rank]
+    mine = runnable if data_parallel else assign(runnable, dist.world)[dist.rank]
     grid_bar, run_bar = _bars(cfg.progress, dist.rank)
     if grid_bar is not None:
         grid_bar.reset(total=len(mine))
     failed = {}
     for spec in mine:
-        run_dir = out / "runs" / spec.run_id
+        run_dir = dp.run_dir(out, spec.run_id, dist.rank) if data_parallel else out / "runs" / spec.run_id
         try:
             common.train_run(task, spec, run_dir, device=device, measure_every=cfg.measure_every,
                              eval_every=getattr(cfg, "eval_every", 0), checkpoint_every=cfg.checkpoint_every,

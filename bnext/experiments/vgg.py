@@ -8,6 +8,7 @@ Then writes the paper's figures and report.md with the claims table. See ../shar
     python -m bnext.experiments.vgg                      # quick preset: everything, <= 15 min on 2 CPU cores
     python -m bnext.experiments.vgg --preset paper       # the paper's protocol (GPU)
     torchrun --nproc_per_node=2 -m bnext.experiments.vgg # runs spread over 2 processes
+    python -m bnext.experiments.vgg --procs 2 --data-parallel   # each run on 2 processes (DDP, synced norms)
 """
 import dataclasses
 import sys
@@ -71,6 +72,9 @@ class VGGConfig:
     procs: int = option(2, "local processes sharing the grid (relaunches under torchrun; 1: this process). "
                            "On CPU, 2 single-threaded processes beat 1 process x 2 threads, and degrade "
                            "gracefully when other jobs load the cores")
+    data_parallel: bool = option(False, "train each run on all --procs processes together (DDP, normalization "
+                                        "synchronized across them; see bnext/experiments/data_parallel.py) "
+                                        "instead of sharing the grid's runs out among them")
     tune_allocator: bool = option(True, "call bnext.tune_cpu_allocator() on CPU (see README)")
     checkpoint_every: int = option(80, "steps between checkpoints (0: none)")
     out: Optional[str] = option(None, "output directory (default runs/vgg-<preset>)")
@@ -89,6 +93,8 @@ class VGGConfig:
             raise ValueError("--hist-layers and --ics-layers are conv layer numbers 1..13")
         if len(self.probe_etas) < 2 or any(e <= 0 for e in self.probe_etas):
             raise ValueError("--probe-etas needs at least two positive multipliers")
+        if self.data_parallel and self.procs < 2:
+            raise ValueError("--data-parallel needs --procs >= 2 (or a torchrun launch with --procs matching it)")
         if self.out is None:
             self.out = f"runs/vgg-{self.preset}"
 

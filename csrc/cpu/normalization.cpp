@@ -656,4 +656,24 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   return {dx, sum_dy, sum_dy_xhat};
 }
 
+// Local per-channel statistics for synchronized BatchNorm (bnext/distributed.py merges them across
+// ranks): the training forward's statistics pass, returned as fp64 (mean, m2), m2 = sum (x - mean)^2.
+// An empty input gives zeros (count 0: the merge skips it).
+std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
+  check_input(input);
+  Geometry g;
+  const Tensor x = to_kernel_layout(input, &g);
+  Tensor mean = at::zeros({g.C}, input.options().dtype(at::kDouble));
+  Tensor m2 = at::zeros({g.C}, input.options().dtype(at::kDouble));
+  if (g.numel() == 0) return {mean, m2};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnext_batch_norm_stats_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const auto st = g.interleaved ? interleaved_stats<scalar_t, acc_t>(xp, g) : planar_stats<scalar_t, acc_t>(xp, g);
+    double *mp = mean.mutable_data_ptr<double>(), *qp = m2.mutable_data_ptr<double>();
+    for (int64_t c = 0; c < g.C; ++c) mp[c] = st[c].mean, qp[c] = st[c].m2;
+  });
+  return {mean, m2};
+}
+
 }  // namespace bnext

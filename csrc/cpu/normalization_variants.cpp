@@ -447,4 +447,30 @@ std::tuple<Tensor, Tensor, Tensor> lp_norm_backward_cpu(
   return {dx, sum_dy, sum_dy_xhat};
 }
 
+// Local per-channel l_p statistics for synchronized l_p normalization (bnext/distributed.py sums or
+// maxes them across ranks): fp64 (sum x, sum |x|^p for p = 1, 2 or max |x| for p = inf) and, for
+// p = inf, the position n * S + s of the first arg-max (else -1). Zeros and -1 for an empty input.
+std::tuple<Tensor, Tensor, Tensor> lp_norm_stats_cpu(const Tensor& input, double p) {
+  check_input(input);
+  const LpKind kind = lp_kind(p);
+  Geometry g;
+  const Tensor x = to_kernel_layout(input, &g);
+  Tensor sum = at::zeros({g.C}, input.options().dtype(at::kDouble));
+  Tensor power = at::zeros({g.C}, input.options().dtype(at::kDouble));
+  Tensor argmax = at::full({g.C}, -1, input.options().dtype(at::kLong));
+  if (g.numel() == 0) return {sum, power, argmax};
+  std::vector<LpPartial> st;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnext_lp_norm_stats_cpu", [&] {
+    with_lp_kind(kind, [&](auto P) { st = lp_stats<scalar_t, decltype(P)::value>(x.const_data_ptr<scalar_t>(), g); });
+  });
+  double *sp = sum.mutable_data_ptr<double>(), *pp = power.mutable_data_ptr<double>();
+  int64_t* ap = argmax.mutable_data_ptr<int64_t>();
+  for (int64_t c = 0; c < g.C; ++c) {
+    sp[c] = st[c].sum;
+    pp[c] = kind == LpKind::kLinf ? st[c].max.max : st[c].pow;
+    ap[c] = kind == LpKind::kLinf ? st[c].max.index : -1;
+  }
+  return {sum, power, argmax};
+}
+
 }  // namespace bnext
