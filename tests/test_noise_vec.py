@@ -80,3 +80,30 @@ def test_results_identical_across_instruction_sets(tmp_path):
             got = results[isa][key]
             for i, (a, b) in enumerate(zip(ref, got)):
                 assert torch.equal(a, b), f"{isa} differs from baseline: {key}, output {i}"
+
+
+@pytest.mark.parametrize("shape,channels_last", [((4, 3000), False), ((2, 2500, 2, 3), True), ((3, 5, 4100), False)])
+def test_noise_and_gradients_past_one_tile(shape, channels_last):
+    # More channels (interleaved) or spatial values (planar) than one kernel tile of 2048 values: the
+    # noise is drawn in several pieces per row / run and must still be the documented stream.
+    import torch.nn.functional as F
+    from bnext.ops import noisy_batch_norm_noise
+    from test_noisy_batch_norm import PAPER, reference_noise
+    x = torch.randn(shape, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    seed = torch.tensor(77)
+    s, m = noisy_batch_norm_noise(x, seed, PAPER)
+    s_ref, m_ref = reference_noise(77, shape)
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=2e-6)
+    torch.testing.assert_close(m, m_ref, rtol=0, atol=1e-6)
+    C = shape[1]
+    w, b = torch.rand(C, dtype=torch.float64) + 0.5, torch.randn(C, dtype=torch.float64)
+    y, mean, var = torch.ops.bnext.noisy_batch_norm_forward(x, w, b, 1e-5, seed, list(PAPER), C)
+    xr = x.clone().requires_grad_()
+    ref = s * F.batch_norm(xr, None, None, w, b, True) + m
+    torch.testing.assert_close(y, ref.detach(), rtol=1e-12, atol=1e-12)
+    dy = torch.randn(shape, dtype=torch.float64)
+    dx = torch.ops.bnext.noisy_batch_norm_backward(dy, x, w, b, mean, var, 1e-5, seed, list(PAPER), C)[0]
+    (dx_ref,) = torch.autograd.grad(ref, xr, dy)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-10, atol=1e-10)
