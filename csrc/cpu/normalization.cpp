@@ -745,20 +745,26 @@ struct NoisyBackward : BnBackward<scalar_t, acc_t, false> {
   void sums(const scalar_t* dy, const scalar_t* x, scalar_t* out, int64_t len, int64_t n, int64_t c, int64_t s0,
             double* s_dy, double* s_dy_xc) const {
     alignas(64) float z[kSegment];
-    alignas(64) acc_t gv[kSegment], gx[kSegment];
     noise.run(n, c, s0, len, z, nullptr);
     const float sigma = noise.sigma[c], sd = noise.ns.noise_std_spread;
     const acc_t mean = this->p.mean[c];
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
+    acc_t p_dy[kLanes] = {}, p_dy_xc[kLanes] = {};
+    auto body = [&](int64_t i, int64_t j) {
       const float s = sigma + sd * z[i];
       const scalar_t gs = from_acc<scalar_t>(to_acc<acc_t>(dy[i]) * static_cast<acc_t>(s));
       out[i] = gs;
-      gv[i] = to_acc<acc_t>(gs);
-      gx[i] = gv[i] * (to_acc<acc_t>(x[i]) - mean);
+      const acc_t gv = to_acc<acc_t>(gs);
+      p_dy[j] += gv;
+      p_dy_xc[j] += gv * (to_acc<acc_t>(x[i]) - mean);
+    };
+    int64_t i = 0;
+    for (; i + kLanes <= len; i += kLanes) {
+#pragma omp simd
+      for (int64_t j = 0; j < kLanes; ++j) body(i + j, j);
     }
-    *s_dy += static_cast<double>(lane_sum<acc_t>(len, [&](int64_t i) { return gv[i]; }));
-    *s_dy_xc += static_cast<double>(lane_sum<acc_t>(len, [&](int64_t i) { return gx[i]; }));
+    for (int64_t j = 0; i + j < len; ++j) body(i + j, j);
+    *s_dy += fold_lanes(p_dy);
+    *s_dy_xc += fold_lanes(p_dy_xc);
   }
   void sums_rows(const scalar_t* dy, const scalar_t* x, scalar_t* out, int64_t C, int64_t m0, int64_t rows, acc_t* s_dy,
                  acc_t* s_dy_xc) const {
