@@ -14,6 +14,10 @@
 //   training forward: statistics (read x), then normalization (read x, write y);
 //   training backward: gradient sums (read dy and x), then dx (read dy and x, write dx);
 //   eval: one pass each way (the statistics are known; eval backward writes dx with the sums).
+// The variants keep those passes: noisy BatchNorm draws its noise inside the elementwise pass
+// (forward) and the sums pass (backward, which leaves g = dy * s in dx's memory for the dx pass, so
+// the noise is drawn once per call); l_p's dx pass for p = inf does not read x (only the arg-max
+// element has a direction term, patched after the pass).
 // Planar (NCHW) layout: the (n, c) runs are walked in memory order, parallel over runs; reductions
 // produce one partial per run, merged per channel in n order. Re-reading a block of channels from
 // cache instead (one trip to memory per tensor) was tried and measured 1.2-2x slower on this 2-core
