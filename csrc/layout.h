@@ -5,6 +5,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <tuple>
+#include <type_traits>
 
 #include "common/lp_norm_math.h"
 #include "common/noise.h"
@@ -116,6 +118,64 @@ inline LpKind lp_kind(double p) {
   if (p == 2.0) return LpKind::kL2;
   TORCH_CHECK(std::isinf(p) && p > 0, "bnext.lp_norm: p must be 1, 2 or inf, got ", p);
   return LpKind::kLinf;
+}
+
+// --- Shared by the CPU and CUDA entry points of the three layers -------------------------------
+
+// One kernel instantiation per value of a run-time flag.
+template <bool B>
+using Bool = std::integral_constant<bool, B>;
+
+template <typename F>
+void with_bool(bool b, F&& f) {
+  if (b) f(Bool<true>{}); else f(Bool<false>{});
+}
+
+template <typename F>
+void with_lp_kind(LpKind p, F&& f) {
+  switch (p) {
+    case LpKind::kL1: f(std::integral_constant<LpKind, LpKind::kL1>{}); break;
+    case LpKind::kL2: f(std::integral_constant<LpKind, LpKind::kL2>{}); break;
+    case LpKind::kLinf: f(std::integral_constant<LpKind, LpKind::kLinf>{}); break;
+  }
+}
+
+// The grad_out of a backward op (`op`: "batch_norm", "noisy_batch_norm", "lp_norm") against its input.
+inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& input, const char* op) {
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "bnext.", op, " backward: grad_out shape ", grad_out.sizes(),
+              " differs from input shape ", input.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "bnext.", op, " backward: grad_out dtype ",
+              grad_out.scalar_type(), " differs from input dtype ", input.scalar_type());
+  TORCH_CHECK(grad_out.device() == input.device(), "bnext.", op, " backward: grad_out is on ", grad_out.device(),
+              " but input is on ", input.device());
+}
+
+// What every backward op returns: dx dense in the layout chosen for the input, and the per-channel
+// sums (sum g, sum g * xhat) in the accumulation dtype, zero until the kernels add to them.
+struct BackwardOutputs {
+  at::Tensor dx, sum_dy, sum_dy_xhat;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> tuple() const { return {dx, sum_dy, sum_dy_xhat}; }
+};
+
+inline BackwardOutputs backward_outputs(const at::Tensor& x, const Geometry& g) {
+  const auto opts = x.options().dtype(acc_dtype(x.scalar_type()));
+  return BackwardOutputs{empty_in_layout(x, g), at::zeros({g.C}, opts), at::zeros({g.C}, opts)};
+}
+
+// The two per-channel statistics of a forward op in the accumulation dtype: NaN placeholders in
+// training (the kernels fill them; an empty batch keeps NaN, as torch does), copies of the running
+// statistics in eval. `names` completes the error message, e.g. "bnext.lp_norm: running_mean and
+// running_norm".
+inline std::pair<at::Tensor, at::Tensor> forward_statistics(const at::Tensor& input, int64_t C, bool training,
+                                                            const std::optional<at::Tensor>& running_a,
+                                                            const std::optional<at::Tensor>& running_b,
+                                                            const char* names) {
+  const auto acc = acc_dtype(input.scalar_type());
+  if (training) {
+    return {at::full({C}, NAN, input.options().dtype(acc)), at::full({C}, NAN, input.options().dtype(acc))};
+  }
+  TORCH_CHECK(running_a.has_value() && running_b.has_value(), names, " are required when training=False");
+  return {running_a->to(acc).clone().contiguous(), running_b->to(acc).clone().contiguous()};
 }
 
 }  // namespace bnext

@@ -1,11 +1,23 @@
-// BatchNorm (+ fused ReLU) CPU kernels.
+// The normalization layers' CPU kernels: BatchNorm (+ fused ReLU), noisy BatchNorm and l_p
+// normalization, one skeleton (../shared/DESIGN.md "One skeleton for three layers"):
 //
-// Formulas: csrc/common/batch_norm_math.h. Statistics: csrc/common/welford.h.
+//   forward:  statistics pass (policy: BatchNorm's mean / M2, or l_p's sum and sum |x|^p or max |x|
+//             with its first arg-max) -> per-channel (mean, scale, shift) -> one elementwise pass
+//             (epilogue: affine (+ ReLU), or affine then noise s * a + m with s, m drawn in the pass)
+//   backward: reduction pass (sum g, sum g * (x - mean); g = dy, dy masked by the ReLU, or dy * s)
+//             -> one elementwise pass writing dx (BatchNorm's formula, or l_p's)
+//
+// Formulas: csrc/common/batch_norm_math.h, lp_norm_math.h, noise.h (torch-free, shared with CUDA).
+// Statistics: csrc/common/welford.h. Noise generator, vectorized: csrc/cpu/noise_vec.h.
 //
 // Every pass streams through memory in order (one tensor read or written once = one pass):
 //   training forward: statistics (read x), then normalization (read x, write y);
 //   training backward: gradient sums (read dy and x), then dx (read dy and x, write dx);
 //   eval: one pass each way (the statistics are known; eval backward writes dx with the sums).
+// The variants keep those passes: noisy BatchNorm draws its noise inside the elementwise pass
+// (forward) and the sums pass (backward, which leaves g = dy * s in dx's memory for the dx pass, so
+// the noise is drawn once per call); l_p's dx pass for p = inf does not read x (only the arg-max
+// element has a direction term, patched after the pass).
 // Planar (NCHW) layout: the (n, c) runs are walked in memory order, parallel over runs; reductions
 // produce one partial per run, merged per channel in n order. Re-reading a block of channels from
 // cache instead (one trip to memory per tensor) was tried and measured 1.2-2x slower on this 2-core
@@ -44,10 +56,13 @@
 #endif
 
 #include "../common/batch_norm_math.h"
+#include "../common/lp_norm_math.h"
+#include "../common/noise.h"
 #include "../common/welford.h"
 #include "../layout.h"
 #include "../ops.h"
 #include "isa.h"
+#include "noise_vec.h"
 
 namespace bnext {
 namespace {
@@ -74,14 +89,6 @@ constexpr int64_t kChunkElems = 1 << 15;
 // loops over C cost enough instructions that the extra copy out of the tile outweighs the saved reads,
 // so they keep plain stores.
 constexpr int64_t kStreamingStoreBytes = 16 << 20;
-
-template <bool B>
-using Bool = std::integral_constant<bool, B>;
-
-template <typename F>
-void with_bool(bool b, F&& f) {
-  if (b) f(Bool<true>{}); else f(Bool<false>{});
-}
 
 inline int64_t rows_per_chunk(int64_t C) { return std::max<int64_t>(1, kChunkElems / std::max<int64_t>(C, 1)); }
 
@@ -185,7 +192,7 @@ inline c10::BFloat16 from_acc<c10::BFloat16, float>(float v) {
   return c10::BFloat16(float_to_bfloat16(v), c10::BFloat16::from_bits());
 }
 
-// Per-channel constants of the forward formula: invstd, and the affine (mean, invstd * w, b).
+// Per-channel constants of the elementwise passes: invstd, and the affine (mean, invstd * w, b).
 template <typename acc_t>
 struct ChannelParams {
   std::vector<acc_t> invstd, mean, scale, shift;
@@ -195,6 +202,11 @@ struct ChannelParams {
       invstd[c] = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(v[c]) + eps));
       scale[c] = invstd[c] * w[c];
     }
+  }
+  // With invstd given (l_p: 1 / (N + eps)).
+  ChannelParams(int64_t C, const acc_t* m, const acc_t* inv, const acc_t* w, const acc_t* b)
+      : invstd(inv, inv + C), mean(m, m + C), scale(C), shift(b, b + C) {
+    for (int64_t c = 0; c < C; ++c) scale[c] = invstd[c] * w[c];
   }
   ChannelAffine<acc_t> affine(int64_t c) const { return {mean[c], scale[c], shift[c]}; }
 };
@@ -311,8 +323,129 @@ std::vector<WelfordState<double>> interleaved_stats(const scalar_t* x, const Geo
   return total;
 }
 
+
+// l_p statistics (the second statistics policy): per channel sum x, and sum |x|^p (p = 1, 2) or
+// max |x| with the first position attaining it (p = inf), csrc/common/lp_norm_math.h. Reduced like
+// BatchNorm's: per planar (n, c) run or per interleaved row chunk, in acc_t over segments of at most
+// kSegment values, merged in fp64 in a fixed order (the arg-max merge keeps the smaller position on
+// a tie), so results do not depend on the thread count.
+struct LpPartial {
+  double sum = 0, pow = 0;
+  MaxAbs<double> max = maxabs_init<double>();
+};
+
+inline void lp_merge(LpPartial& a, const LpPartial& b) {
+  a.sum += b.sum;
+  a.pow += b.pow;
+  a.max = maxabs_merge(a.max, b.max);
+}
+
+// One segment (len <= kSegment) of a planar run; `pos0` is the position of x[0] within its channel.
+template <typename scalar_t, typename acc_t, LpKind P>
+void lp_segment_stats(const scalar_t* x, int64_t len, int64_t pos0, LpPartial& out) {
+  out.sum += static_cast<double>(lane_sum<acc_t>(len, [&](int64_t i) { return to_acc<acc_t>(x[i]); }));
+  if (P != LpKind::kLinf) {
+    out.pow += static_cast<double>(lane_sum<acc_t>(len, [&](int64_t i) { return lp_power(to_acc<acc_t>(x[i]), P); }));
+    return;
+  }
+  acc_t mx[kLanes];
+  for (int64_t j = 0; j < kLanes; ++j) mx[j] = acc_t(-1);
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const acc_t a = std::abs(to_acc<acc_t>(x[i + j]));
+      mx[j] = a > mx[j] ? a : mx[j];
+    }
+  }
+  for (int64_t j = 0; i + j < len; ++j) mx[j] = std::max(mx[j], std::abs(to_acc<acc_t>(x[i + j])));
+  acc_t best = acc_t(-1);
+  for (int64_t j = 0; j < kLanes; ++j) best = mx[j] > best ? mx[j] : best;
+  // The first element attaining the maximum: a short scan of the cached segment.
+  for (int64_t k = 0; k < len && best >= acc_t(0); ++k) {
+    if (std::abs(to_acc<acc_t>(x[k])) == best) {
+      out.max = maxabs_merge(out.max, MaxAbs<double>{static_cast<double>(best), pos0 + k});
+      break;
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, LpKind P>
+std::vector<LpPartial> lp_planar_stats(const scalar_t* x, const Geometry& g) {
+  std::vector<LpPartial> per_run(g.N * g.C);
+  parallel_for(0, g.N * g.C, runs_per_chunk(g), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t s0 = 0; s0 < g.S; s0 += kSegment) {
+        lp_segment_stats<scalar_t, acc_t, P>(x + r * g.S + s0, std::min(kSegment, g.S - s0), (r / g.C) * g.S + s0,
+                                             per_run[r]);
+      }
+    }
+  });
+  std::vector<LpPartial> total(g.C);
+  for (int64_t n = 0; n < g.N; ++n)
+    for (int64_t c = 0; c < g.C; ++c) lp_merge(total[c], per_run[n * g.C + c]);
+  return total;
+}
+
+// Rows [r0, r1) of an interleaved (M, C) array, per channel (r1 - r0 <= kSegment).
+template <typename scalar_t, typename acc_t, LpKind P>
+void lp_chunk_stats(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, acc_t* sum, acc_t* pw, acc_t* mx,
+                    int64_t* arg, LpPartial* out) {
+  for (int64_t c = 0; c < C; ++c) sum[c] = 0, pw[c] = 0, mx[c] = acc_t(-1), arg[c] = -1;
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* row = x + r * C;
+    if (P == LpKind::kLinf) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t v = to_acc<acc_t>(row[c]);
+        sum[c] += v;
+        const acc_t a = std::abs(v);
+        const bool better = a > mx[c];  // strict: rows arrive in increasing position
+        mx[c] = better ? a : mx[c];
+        arg[c] = better ? r : arg[c];
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t v = to_acc<acc_t>(row[c]);
+        sum[c] += v;
+        pw[c] += lp_power(v, P);
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    out[c].sum = sum[c];
+    out[c].pow = pw[c];
+    out[c].max = arg[c] >= 0 ? MaxAbs<double>{static_cast<double>(mx[c]), arg[c]} : maxabs_init<double>();
+  }
+}
+
+template <typename scalar_t, typename acc_t, LpKind P>
+std::vector<LpPartial> lp_interleaved_stats(const scalar_t* x, const Geometry& g) {
+  const int64_t C = g.C, M = g.rows(), rpc = std::min<int64_t>(kSegment, rows_per_chunk(C));
+  const int64_t nchunks = (M + rpc - 1) / rpc;
+  std::vector<LpPartial> partial(nchunks * C);
+  parallel_for(0, nchunks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> sum(C), pw(C), mx(C);
+    std::vector<int64_t> arg(C);
+    for (int64_t b = b0; b < b1; ++b) {
+      lp_chunk_stats<scalar_t, acc_t, P>(x, C, b * rpc, std::min(M, (b + 1) * rpc), sum.data(), pw.data(), mx.data(),
+                                         arg.data(), &partial[b * C]);
+    }
+  });
+  std::vector<LpPartial> total(C);
+  for (int64_t b = 0; b < nchunks; ++b)
+    for (int64_t c = 0; c < C; ++c) lp_merge(total[c], partial[b * C + c]);
+  return total;
+}
+
 // ---------------------------------------------------------------------------------------------
-// Forward
+// Forward: statistics (BatchNorm's or l_p's) -> per-channel (mean, scale, shift) -> one elementwise
+// pass y = epilogue((x - mean) * scale + shift). Epilogues: the affine map with or without ReLU
+// (BatchNorm, l_p), and the affine map followed by the noise s * a + m (noisy BatchNorm).
+// An epilogue supplies
+//   run(x, y, len, n, c, s0, affine):  planar: values s0 .. s0 + len of run (n, c)
+//   rows(x, y, C, m0, rows, params):   interleaved: rows m0 .. m0 + rows (m = n * S + s)
 // ---------------------------------------------------------------------------------------------
 
 template <typename scalar_t, typename acc_t, bool RELU>
@@ -335,32 +468,100 @@ void normalize_rows(const scalar_t* x, scalar_t* y, int64_t C, int64_t rows, con
   }
 }
 
-template <typename scalar_t, bool RELU>
-void forward_kernel(const at::Tensor& x, at::Tensor& y, const Geometry& g, bool training, double eps,
-                    const at::Tensor& weight, const at::Tensor& bias, at::Tensor& mean,
-                    at::Tensor& var) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-  acc_t* mp = mean.mutable_data_ptr<acc_t>();
-  acc_t* vp = var.mutable_data_ptr<acc_t>();
-  const int64_t C = g.C;
+template <typename scalar_t, typename acc_t, bool RELU>
+struct AffineEpilogue {
+  void run(const scalar_t* x, scalar_t* y, int64_t len, int64_t, int64_t, int64_t, const ChannelAffine<acc_t>& a) const {
+    normalize_run<scalar_t, acc_t, RELU>(x, y, len, a);
+  }
+  void rows(const scalar_t* x, scalar_t* y, int64_t C, int64_t, int64_t rows, const ChannelParams<acc_t>& p) const {
+    normalize_rows<scalar_t, acc_t, RELU>(x, y, C, rows, p);
+  }
+};
 
-  if (training) {
-    const auto st = g.interleaved ? interleaved_stats<scalar_t, acc_t>(xp, g) : planar_stats<scalar_t, acc_t>(xp, g);
-    for (int64_t c = 0; c < C; ++c) {
-      mp[c] = static_cast<acc_t>(st[c].mean);
-      vp[c] = static_cast<acc_t>(welford_variance(st[c]));
+// Noise of one noisy BatchNorm call as the elementwise passes draw it: per-channel (mu, sigma) once,
+// then z (and v) for a stretch of elements at a time through the vectorized generator
+// (csrc/cpu/noise_vec.h), bitwise equal to element_noise of csrc/common/noise.h.
+struct NoiseDraw {
+  const NoiseSpec& ns;
+  const Geometry& g;
+  std::vector<float> mu, sigma;
+  NoiseDraw(const NoiseSpec& spec, const Geometry& geo) : ns(spec), g(geo), mu(geo.C), sigma(geo.C) {
+    for (int64_t c = 0; c < g.C; ++c) {
+      const ChannelNoise ch = channel_noise(ns, c);
+      mu[c] = ch.mu;
+      sigma[c] = ch.sigma;
     }
   }
-  const ChannelParams<acc_t> p(C, mp, vp, eps, weight.const_data_ptr<acc_t>(), bias.const_data_ptr<acc_t>());
+  // Planar: the len (<= kSegment) consecutive values s0.. of run (n, c) have consecutive indices.
+  void run(int64_t n, int64_t c, int64_t s0, int64_t len, float* z, float* v) const {
+    noise_cpu::normal_block(ns, noise_index(n, c, s0, ns.period, g.S), 1, len, z, v);
+  }
+  // Interleaved: channels [c0, c1) of row m = n * S + s, in pieces that do not cross a multiple of
+  // the period P (within one, the indices step by S).
+  void row(int64_t m, int64_t c0, int64_t c1, float* z, float* v) const {
+    const int64_t n = m / g.S, s = m % g.S, P = ns.period;
+    for (int64_t a = c0; a < c1;) {
+      const int64_t b = std::min(c1, (a / P + 1) * P);
+      noise_cpu::normal_block(ns, noise_index(n, a, s, P, g.S), g.S, b - a, z + (a - c0), v ? v + (a - c0) : nullptr);
+      a = b;
+    }
+  }
+};
+
+// y = s * a + m, a = the affine normalization; s, m as element_noise computes them (fp32), the product
+// and sum in acc_t.
+template <typename scalar_t, typename acc_t>
+struct NoiseEpilogue {
+  const NoiseDraw& noise;
+  void run(const scalar_t* x, scalar_t* y, int64_t len, int64_t n, int64_t c, int64_t s0,
+           const ChannelAffine<acc_t>& a) const {
+    alignas(64) float z[kSegment], v[kSegment];
+    noise.run(n, c, s0, len, z, v);
+    const float sigma = noise.sigma[c], mu = noise.mu[c];
+    const float sd = noise.ns.noise_std_spread, md = noise.ns.noise_mean_spread;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const acc_t an = bn_forward_value(to_acc<acc_t>(x[i]), a, false);
+      const float s = sigma + sd * z[i], m = mu + md * v[i];
+      y[i] = from_acc<scalar_t>(static_cast<acc_t>(s) * an + static_cast<acc_t>(m));
+    }
+  }
+  void rows(const scalar_t* x, scalar_t* y, int64_t C, int64_t m0, int64_t rows, const ChannelParams<acc_t>& p) const {
+    alignas(64) float z[kSegment], v[kSegment];
+    const acc_t *mean = p.mean.data(), *scale = p.scale.data(), *shift = p.shift.data();
+    const float *sigma = noise.sigma.data(), *mu = noise.mu.data();
+    const float sd = noise.ns.noise_std_spread, md = noise.ns.noise_mean_spread;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c0 = 0; c0 < C; c0 += kSegment) {
+        const int64_t c1 = std::min(C, c0 + kSegment);
+        noise.row(m0 + r, c0, c1, z, v);
+        const scalar_t* xr = x + r * C;
+        scalar_t* yr = y + r * C;
+#pragma omp simd
+        for (int64_t c = c0; c < c1; ++c) {
+          const ChannelAffine<acc_t> a{mean[c], scale[c], shift[c]};
+          const acc_t an = bn_forward_value(to_acc<acc_t>(xr[c]), a, false);
+          const float s = sigma[c] + sd * z[c - c0], m = mu[c] + md * v[c - c0];
+          yr[c] = from_acc<scalar_t>(static_cast<acc_t>(s) * an + static_cast<acc_t>(m));
+        }
+      }
+    }
+  }
+};
+
+// The elementwise pass: reads x once, writes y once (non-temporal for large planar outputs).
+template <typename scalar_t, typename acc_t, typename Epilogue>
+void normalize_pass(const scalar_t* xp, scalar_t* yp, const Geometry& g, const ChannelParams<acc_t>& p,
+                    const Epilogue& epi) {
+  const int64_t C = g.C;
   if (!g.interleaved) {
     parallel_for(0, g.N * C, runs_per_chunk(g), [&](int64_t r0, int64_t r1) {
       OutputTiles<scalar_t> out(g, kSegment);
       for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / C, c = r % C;
         for (int64_t s0 = 0; s0 < g.S; s0 += kSegment) {
           const int64_t off = r * g.S + s0, len = std::min(kSegment, g.S - s0);
-          normalize_run<scalar_t, acc_t, RELU>(xp + off, out.begin(yp + off), len, p.affine(r % C));
+          epi.run(xp + off, out.begin(yp + off), len, n, c, s0, p.affine(c));
           out.end(yp + off, len);
         }
       }
@@ -372,18 +573,52 @@ void forward_kernel(const at::Tensor& x, at::Tensor& y, const Geometry& g, bool 
     OutputTiles<scalar_t> out(g, rows_per_tile * C);
     for (int64_t t0 = r0; t0 < r1; t0 += rows_per_tile) {
       const int64_t rows = std::min(rows_per_tile, r1 - t0);
-      normalize_rows<scalar_t, acc_t, RELU>(xp + t0 * C, out.begin(yp + t0 * C), C, rows, p);
+      epi.rows(xp + t0 * C, out.begin(yp + t0 * C), C, t0, rows, p);
       out.end(yp + t0 * C, rows * C);
     }
   });
 }
 
+// BatchNorm statistics of x into mean / var (biased), acc_t.
+template <typename scalar_t, typename acc_t>
+void bn_statistics(const scalar_t* xp, const Geometry& g, acc_t* mp, acc_t* vp) {
+  const auto st = g.interleaved ? interleaved_stats<scalar_t, acc_t>(xp, g) : planar_stats<scalar_t, acc_t>(xp, g);
+  for (int64_t c = 0; c < g.C; ++c) {
+    mp[c] = static_cast<acc_t>(st[c].mean);
+    vp[c] = static_cast<acc_t>(welford_variance(st[c]));
+  }
+}
+
+template <typename scalar_t, bool RELU>
+void forward_kernel(const at::Tensor& x, at::Tensor& y, const Geometry& g, bool training, double eps,
+                    const at::Tensor& weight, const at::Tensor& bias, at::Tensor& mean,
+                    at::Tensor& var) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  acc_t* mp = mean.mutable_data_ptr<acc_t>();
+  acc_t* vp = var.mutable_data_ptr<acc_t>();
+  if (training) bn_statistics<scalar_t, acc_t>(xp, g, mp, vp);
+  const ChannelParams<acc_t> p(g.C, mp, vp, eps, weight.const_data_ptr<acc_t>(), bias.const_data_ptr<acc_t>());
+  normalize_pass(xp, y.mutable_data_ptr<scalar_t>(), g, p, AffineEpilogue<scalar_t, acc_t, RELU>{});
+}
+
 // ---------------------------------------------------------------------------------------------
-// Backward
+// Backward: pass 1 reduces sum g and sum g * (x - mean) per channel (g = the gradient reaching the
+// affine normalization), pass 2 (training) writes dx from those sums. A backward policy supplies
+//   sums(dy, x, out, len, n, c, s0, sum_dy, sum_dy_xc)     planar segment, pass 1
+//   sums_rows(dy, x, out, C, m0, rows, s_dy, s_dy_xc)       interleaved rows, pass 1
+//   prepare(tot_dy, tot_dy_xc)                             per-channel coefficients of pass 2
+//   input_grad(dy, x, g, out, len, n, c, s0)               planar segment, pass 2
+//   input_grad_rows(dy, x, g, out, C, m0, rows)            interleaved rows, pass 2
+//   writes_in_sums(training): whether pass 1 writes to `out` (dx's memory)
+// where `g` points at what pass 1 left in dx's memory (noisy BatchNorm keeps g = dy * s there, so
+// that the noise is drawn once).
+// Policies: BatchNorm (g = dy, masked by the fused ReLU; eval writes dx in pass 1), noisy BatchNorm
+// (g = dy * s with s regenerated from the seed), l_p (dx = (g - mean_dy - q * dir(x)) * coeff).
 // ---------------------------------------------------------------------------------------------
 
 // Sums of g and g * (x - mean) over one segment (len <= kSegment), g = dy masked by the recomputed
-// ReLU. With WRITE_EVAL_GRAD the eval-mode input gradient g * invstd * w is written in the same pass.
+// ReLU. With WRITE_EVAL_GRAD the eval-mode input gradient g * scale is written in the same pass.
 template <typename scalar_t, typename acc_t, bool RELU, bool WRITE_EVAL_GRAD>
 void grad_sums_segment(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len,
                        const ChannelAffine<acc_t>& a, double* sum_dy, double* sum_dy_xc) {
@@ -403,17 +638,6 @@ void grad_sums_segment(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int6
   for (int64_t j = 0; i + j < len; ++j) body(i + j, j);
   *sum_dy += fold_lanes(p_dy);
   *sum_dy_xc += fold_lanes(p_dy_xc);
-}
-
-template <typename scalar_t, typename acc_t, bool RELU>
-void input_grad_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len,
-                    const ChannelAffine<acc_t>& a, const ChannelBackward<acc_t>& k) {
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
-    const acc_t xv = to_acc<acc_t>(x[i]);
-    const acc_t gv = bn_masked_grad(to_acc<acc_t>(dy[i]), xv, a, RELU);
-    dx[i] = from_acc<scalar_t>(bn_backward_train_value(gv, xv, k));
-  }
 }
 
 // Interleaved: per-channel sums over `rows` rows in acc_t, added to s_dy / s_dy_xc. With
@@ -436,130 +660,295 @@ void interleaved_grad_sums(const scalar_t* dy, const scalar_t* x, scalar_t* dx, 
   }
 }
 
-template <typename scalar_t, typename acc_t, bool RELU>
-void interleaved_input_grad_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t C, int64_t rows,
-                                 const ChannelParams<acc_t>& p, const acc_t* mean_dy, const acc_t* proj) {
-  const acc_t *mean = p.mean.data(), *scale = p.scale.data(), *shift = p.shift.data();
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t off = r * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const ChannelAffine<acc_t> af{mean[c], scale[c], shift[c]};
-      const ChannelBackward<acc_t> k{mean[c], mean_dy[c], proj[c], scale[c]};
-      const acc_t xv = to_acc<acc_t>(x[off + c]);
-      const acc_t gv = bn_masked_grad(to_acc<acc_t>(dy[off + c]), xv, af, RELU);
-      dx[off + c] = from_acc<scalar_t>(bn_backward_train_value(gv, xv, k));
-    }
-  }
-}
-
-// Everything the backward passes share.
-template <typename scalar_t, typename acc_t>
-struct BackwardArgs {
-  const scalar_t* dy;
-  const scalar_t* x;
-  scalar_t* dx;
-  const Geometry& g;
-  const ChannelParams<acc_t>& p;  // dx = (...) * p.scale, p.scale = invstd * w
+// What every policy knows: the forward's per-channel constants and the count M.
+template <typename acc_t>
+struct BackwardCommon {
+  const ChannelParams<acc_t>& p;  // p.scale = invstd * w: dx = (...) * p.scale
   double M;                       // values per channel
+  bool training;
 
-  // Training-mode coefficients of dx from the channel's fp64 sums.
+  // BatchNorm's training-mode coefficients of dx from the channel's fp64 sums.
   ChannelBackward<acc_t> coeffs(int64_t c, double s_dy, double s_dy_xc) const {
     const double inv = static_cast<double>(p.invstd[c]);
-    return ChannelBackward<acc_t>{p.mean[c], static_cast<acc_t>(s_dy / M),
-                                  static_cast<acc_t>(s_dy_xc * inv * inv / M), p.scale[c]};
+    return ChannelBackward<acc_t>{p.mean[c], static_cast<acc_t>(s_dy / M), static_cast<acc_t>(s_dy_xc * inv * inv / M),
+                                  p.scale[c]};
   }
 };
 
-// Planar: sums per run in memory order (eval: dx written in the same pass), merged per channel in
-// n order; training then streams once more to write dx.
+// BatchNorm (+ fused ReLU): g = dy masked by the ReLU; eval writes dx = g * scale in pass 1.
 template <typename scalar_t, typename acc_t, bool RELU>
-void planar_backward(const BackwardArgs<scalar_t, acc_t>& a, bool training, double* tot_dy, double* tot_dy_xc) {
-  const Geometry& g = a.g;
-  const int64_t C = g.C;
-  std::vector<double> run_dy(g.N * C, 0.0), run_dy_xc(g.N * C, 0.0);
-  parallel_for(0, g.N * C, runs_per_chunk(g), [&](int64_t r0, int64_t r1) {
-    OutputTiles<scalar_t> out(g, training ? 0 : kSegment);
-    for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t s0 = 0; s0 < g.S; s0 += kSegment) {
-        const int64_t off = r * g.S + s0, len = std::min(kSegment, g.S - s0);
-        if (training) {
-          grad_sums_segment<scalar_t, acc_t, RELU, false>(a.dy + off, a.x + off, nullptr, len, a.p.affine(r % C),
-                                                          &run_dy[r], &run_dy_xc[r]);
-        } else {
-          grad_sums_segment<scalar_t, acc_t, RELU, true>(a.dy + off, a.x + off, out.begin(a.dx + off), len,
-                                                         a.p.affine(r % C), &run_dy[r], &run_dy_xc[r]);
-          out.end(a.dx + off, len);
+struct BnBackward : BackwardCommon<acc_t> {
+  std::vector<acc_t> mean_dy, proj;
+  BnBackward(const BackwardCommon<acc_t>& b) : BackwardCommon<acc_t>(b) {}
+  bool writes_in_sums() const { return !this->training; }
+
+  void sums(const scalar_t* dy, const scalar_t* x, scalar_t* out, int64_t len, int64_t, int64_t c, int64_t,
+            double* s_dy, double* s_dy_xc) const {
+    if (this->training) {
+      grad_sums_segment<scalar_t, acc_t, RELU, false>(dy, x, nullptr, len, this->p.affine(c), s_dy, s_dy_xc);
+    } else {
+      grad_sums_segment<scalar_t, acc_t, RELU, true>(dy, x, out, len, this->p.affine(c), s_dy, s_dy_xc);
+    }
+  }
+  void sums_rows(const scalar_t* dy, const scalar_t* x, scalar_t* out, int64_t C, int64_t, int64_t rows, acc_t* s_dy,
+                 acc_t* s_dy_xc) const {
+    if (this->training) {
+      interleaved_grad_sums<scalar_t, acc_t, RELU, false>(dy, x, nullptr, C, rows, this->p, s_dy, s_dy_xc);
+    } else {
+      interleaved_grad_sums<scalar_t, acc_t, RELU, true>(dy, x, out, C, rows, this->p, s_dy, s_dy_xc);
+    }
+  }
+  void prepare(const double* tot_dy, const double* tot_dy_xc) {
+    const int64_t C = static_cast<int64_t>(this->p.mean.size());
+    mean_dy.resize(C);
+    proj.resize(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const auto k = this->coeffs(c, tot_dy[c], tot_dy_xc[c]);
+      mean_dy[c] = k.mean_dy;
+      proj[c] = k.proj;
+    }
+  }
+  void input_grad(const scalar_t* dy, const scalar_t* x, const scalar_t*, scalar_t* out, int64_t len, int64_t,
+                  int64_t c, int64_t) const {
+    const ChannelAffine<acc_t> a = this->p.affine(c);
+    const ChannelBackward<acc_t> k{a.mean, mean_dy[c], proj[c], a.scale};
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const acc_t xv = to_acc<acc_t>(x[i]);
+      const acc_t gv = bn_masked_grad(to_acc<acc_t>(dy[i]), xv, a, RELU);
+      out[i] = from_acc<scalar_t>(bn_backward_train_value(gv, xv, k));
+    }
+  }
+  void input_grad_rows(const scalar_t* dy, const scalar_t* x, const scalar_t*, scalar_t* out, int64_t C, int64_t,
+                       int64_t rows) const {
+    const acc_t *mean = this->p.mean.data(), *scale = this->p.scale.data(), *shift = this->p.shift.data();
+    const acc_t *mdy = mean_dy.data(), *pj = proj.data();
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t off = r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const ChannelAffine<acc_t> af{mean[c], scale[c], shift[c]};
+        const ChannelBackward<acc_t> k{mean[c], mdy[c], pj[c], scale[c]};
+        const acc_t xv = to_acc<acc_t>(x[off + c]);
+        const acc_t gv = bn_masked_grad(to_acc<acc_t>(dy[off + c]), xv, af, RELU);
+        out[off + c] = from_acc<scalar_t>(bn_backward_train_value(gv, xv, k));
+      }
+    }
+  }
+};
+
+// Noisy BatchNorm (training only): g = dy * s, s regenerated from the seed in pass 1 and left in dx's
+// memory (in scalar_t, as a materialized dy * s would be) for pass 2, which is BatchNorm's formula.
+template <typename scalar_t, typename acc_t>
+struct NoisyBackward : BnBackward<scalar_t, acc_t, false> {
+  const NoiseDraw& noise;
+  NoisyBackward(const BackwardCommon<acc_t>& b, const NoiseDraw& nd) : BnBackward<scalar_t, acc_t, false>(b), noise(nd) {}
+  bool writes_in_sums() const { return true; }
+
+  // g = dy * s of one planar segment (noise z), written to out and reduced like grad_sums_segment.
+  void sums(const scalar_t* dy, const scalar_t* x, scalar_t* out, int64_t len, int64_t n, int64_t c, int64_t s0,
+            double* s_dy, double* s_dy_xc) const {
+    alignas(64) float z[kSegment];
+    noise.run(n, c, s0, len, z, nullptr);
+    const float sigma = noise.sigma[c], sd = noise.ns.noise_std_spread;
+    const acc_t mean = this->p.mean[c];
+    acc_t p_dy[kLanes] = {}, p_dy_xc[kLanes] = {};
+    auto body = [&](int64_t i, int64_t j) {
+      const float s = sigma + sd * z[i];
+      const scalar_t gs = from_acc<scalar_t>(to_acc<acc_t>(dy[i]) * static_cast<acc_t>(s));
+      out[i] = gs;
+      const acc_t gv = to_acc<acc_t>(gs);
+      p_dy[j] += gv;
+      p_dy_xc[j] += gv * (to_acc<acc_t>(x[i]) - mean);
+    };
+    int64_t i = 0;
+    for (; i + kLanes <= len; i += kLanes) {
+#pragma omp simd
+      for (int64_t j = 0; j < kLanes; ++j) body(i + j, j);
+    }
+    for (int64_t j = 0; i + j < len; ++j) body(i + j, j);
+    *s_dy += fold_lanes(p_dy);
+    *s_dy_xc += fold_lanes(p_dy_xc);
+  }
+  void sums_rows(const scalar_t* dy, const scalar_t* x, scalar_t* out, int64_t C, int64_t m0, int64_t rows, acc_t* s_dy,
+                 acc_t* s_dy_xc) const {
+    alignas(64) float z[kSegment];
+    const acc_t* mean = this->p.mean.data();
+    const float* sigma = noise.sigma.data();
+    const float sd = noise.ns.noise_std_spread;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c0 = 0; c0 < C; c0 += kSegment) {
+        const int64_t c1 = std::min(C, c0 + kSegment), off = r * C;
+        noise.row(m0 + r, c0, c1, z, nullptr);
+#pragma omp simd
+        for (int64_t c = c0; c < c1; ++c) {
+          const float s = sigma[c] + sd * z[c - c0];
+          const scalar_t gs = from_acc<scalar_t>(to_acc<acc_t>(dy[off + c]) * static_cast<acc_t>(s));
+          out[off + c] = gs;
+          const acc_t gv = to_acc<acc_t>(gs);
+          s_dy[c] += gv;
+          s_dy_xc[c] += gv * (to_acc<acc_t>(x[off + c]) - mean[c]);
         }
       }
     }
-  });
-  for (int64_t n = 0; n < g.N; ++n)
-    for (int64_t c = 0; c < C; ++c) tot_dy[c] += run_dy[n * C + c], tot_dy_xc[c] += run_dy_xc[n * C + c];
-  if (!training) return;
-  std::vector<ChannelBackward<acc_t>> k(C);
-  for (int64_t c = 0; c < C; ++c) k[c] = a.coeffs(c, tot_dy[c], tot_dy_xc[c]);
-  parallel_for(0, g.N * C, runs_per_chunk(g), [&](int64_t r0, int64_t r1) {
-    OutputTiles<scalar_t> out(g, kSegment);
-    for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t s0 = 0; s0 < g.S; s0 += kSegment) {
-        const int64_t off = r * g.S + s0, len = std::min(kSegment, g.S - s0);
-        input_grad_run<scalar_t, acc_t, RELU>(a.dy + off, a.x + off, out.begin(a.dx + off), len, a.p.affine(r % C),
-                                              k[r % C]);
-        out.end(a.dx + off, len);
+  }
+  void input_grad(const scalar_t*, const scalar_t* x, const scalar_t* g, scalar_t* out, int64_t len, int64_t n,
+                  int64_t c, int64_t s0) const {
+    BnBackward<scalar_t, acc_t, false>::input_grad(g, x, nullptr, out, len, n, c, s0);
+  }
+  void input_grad_rows(const scalar_t*, const scalar_t* x, const scalar_t* g, scalar_t* out, int64_t C, int64_t m0,
+                       int64_t rows) const {
+    BnBackward<scalar_t, acc_t, false>::input_grad_rows(g, x, nullptr, out, C, m0, rows);
+  }
+};
+
+// l_p: the sums are BatchNorm's (invstd := 1 / (N + eps)); pass 2 is lp_backward_train_value. For
+// p = inf, dir(x) is zero except at the channel's arg-max, so pass 2 does not read x and `finish`
+// corrects the arg-max elements afterwards.
+template <typename scalar_t, typename acc_t, LpKind P>
+struct LpBackwardPolicy : BnBackward<scalar_t, acc_t, false> {
+  const acc_t* norm;          // N per channel
+  const int64_t* argmax;      // p = inf: position n * S + s of each channel's arg-max
+  double eps;
+  const acc_t* weight;
+  std::vector<LpBackward<acc_t>> k;
+  std::vector<acc_t> mean_dy_, q_, coeff_;  // k by field, for the interleaved rows (vectorized over C)
+  LpBackwardPolicy(const BackwardCommon<acc_t>& b, const acc_t* nrm, const int64_t* am, double e, const acc_t* w)
+      : BnBackward<scalar_t, acc_t, false>(b), norm(nrm), argmax(am), eps(e), weight(w) {}
+
+  void prepare(const double* tot_dy, const double* tot_dy_xc) {
+    const int64_t C = static_cast<int64_t>(this->p.mean.size());
+    k.resize(C);
+    for (int64_t c = 0; c < C; ++c) {
+      k[c] = lp_backward_coeffs<acc_t>(P, tot_dy[c], tot_dy_xc[c], static_cast<double>(norm[c]), eps,
+                                       static_cast<double>(weight[c]), this->M, argmax[c]);
+      mean_dy_.push_back(k[c].mean_dy);
+      q_.push_back(k[c].q);
+      coeff_.push_back(k[c].coeff);
+    }
+  }
+  // dN/dx direction (lp_norm_math.h), sign(0) = 0, written without branches so that loops vectorize.
+  static acc_t dir(acc_t xv) {
+    if (P == LpKind::kL2) return xv;
+    return static_cast<acc_t>(xv > acc_t(0)) - static_cast<acc_t>(xv < acc_t(0));
+  }
+  void input_grad(const scalar_t* dy, const scalar_t* x, const scalar_t*, scalar_t* out, int64_t len, int64_t,
+                  int64_t c, int64_t) const {
+    const acc_t mdy = k[c].mean_dy, q = k[c].q, coeff = k[c].coeff;
+    if (P == LpKind::kLinf) {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) out[i] = from_acc<scalar_t>((to_acc<acc_t>(dy[i]) - mdy) * coeff);
+      return;
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i)
+      out[i] = from_acc<scalar_t>((to_acc<acc_t>(dy[i]) - mdy - q * dir(to_acc<acc_t>(x[i]))) * coeff);
+  }
+  void input_grad_rows(const scalar_t* dy, const scalar_t* x, const scalar_t*, scalar_t* out, int64_t C, int64_t,
+                       int64_t rows) const {
+    const acc_t *mdy = mean_dy_.data(), *q = q_.data(), *coeff = coeff_.data();
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t off = r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t d = P == LpKind::kLinf ? acc_t(0) : q[c] * dir(to_acc<acc_t>(x[off + c]));
+        out[off + c] = from_acc<scalar_t>((to_acc<acc_t>(dy[off + c]) - mdy[c] - d) * coeff[c]);
       }
     }
-  });
-}
+  }
+  // p = inf: the arg-max elements, after pass 2 (dx must already hold every other value).
+  void finish(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Geometry& g) const {
+    if (P != LpKind::kLinf) return;
+    for (int64_t c = 0; c < g.C; ++c) {
+      const int64_t pos = k[c].argmax;
+      if (pos < 0) continue;
+      const int64_t off = g.interleaved ? pos * g.C + c : ((pos / g.S) * g.C + c) * g.S + pos % g.S;
+      dx[off] = from_acc<scalar_t>(
+          lp_backward_train_value(to_acc<acc_t>(dy[off]), to_acc<acc_t>(x[off]), pos, k[c], LpKind::kLinf));
+    }
+  }
+};
 
-// Interleaved: per-chunk sums (eval: dx written in the same pass), merged in chunk order; training
-// then streams once more to write dx.
-template <typename scalar_t, typename acc_t, bool RELU>
-void interleaved_backward(const BackwardArgs<scalar_t, acc_t>& a, bool training, double* tot_dy,
-                          double* tot_dy_xc) {
-  const int64_t C = a.g.C, M_rows = a.g.rows(), rpc = rows_per_chunk(C);
+// The two passes for either layout. Sums per planar run (merged per channel in n order) or per
+// interleaved chunk (merged in chunk order), in fp64 totals; training then writes dx.
+template <typename scalar_t, typename acc_t, typename Policy>
+void backward_passes(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Geometry& g, Policy& pol,
+                     double* tot_dy, double* tot_dy_xc) {
+  const int64_t C = g.C;
+  const bool writes = pol.writes_in_sums();
+  if (!g.interleaved) {
+    std::vector<double> run_dy(g.N * C, 0.0), run_dy_xc(g.N * C, 0.0);
+    parallel_for(0, g.N * C, runs_per_chunk(g), [&](int64_t r0, int64_t r1) {
+      OutputTiles<scalar_t> out(g, writes ? kSegment : 0);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / C, c = r % C;
+        for (int64_t s0 = 0; s0 < g.S; s0 += kSegment) {
+          const int64_t off = r * g.S + s0, len = std::min(kSegment, g.S - s0);
+          pol.sums(dy + off, x + off, writes ? out.begin(dx + off) : nullptr, len, n, c, s0, &run_dy[r], &run_dy_xc[r]);
+          if (writes) out.end(dx + off, len);
+        }
+      }
+    });
+    for (int64_t n = 0; n < g.N; ++n)
+      for (int64_t c = 0; c < C; ++c) tot_dy[c] += run_dy[n * C + c], tot_dy_xc[c] += run_dy_xc[n * C + c];
+    if (!pol.training) return;
+    pol.prepare(tot_dy, tot_dy_xc);
+    parallel_for(0, g.N * C, runs_per_chunk(g), [&](int64_t r0, int64_t r1) {
+      OutputTiles<scalar_t> out(g, kSegment);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / C, c = r % C;
+        for (int64_t s0 = 0; s0 < g.S; s0 += kSegment) {
+          const int64_t off = r * g.S + s0, len = std::min(kSegment, g.S - s0);
+          pol.input_grad(dy + off, x + off, dx + off, out.begin(dx + off), len, n, c, s0);
+          out.end(dx + off, len);
+        }
+      }
+    });
+    return;
+  }
+  const int64_t M_rows = g.rows(), rpc = rows_per_chunk(C);
   const int64_t nchunks = (M_rows + rpc - 1) / rpc, rows_per_tile = std::max<int64_t>(1, kSegment / C);
   std::vector<double> part_dy(nchunks * C), part_dy_xc(nchunks * C);
   parallel_for(0, nchunks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> s_dy(C), s_dy_xc(C);
-    OutputTiles<scalar_t> out(a.g, training ? 0 : rows_per_tile * C);
+    OutputTiles<scalar_t> out(g, writes ? rows_per_tile * C : 0);
     for (int64_t blk = b0; blk < b1; ++blk) {
       std::fill(s_dy.begin(), s_dy.end(), acc_t(0));
       std::fill(s_dy_xc.begin(), s_dy_xc.end(), acc_t(0));
       const int64_t r1 = std::min(M_rows, (blk + 1) * rpc);
       for (int64_t t0 = blk * rpc; t0 < r1; t0 += rows_per_tile) {
         const int64_t rows = std::min(rows_per_tile, r1 - t0), off = t0 * C;
-        if (training) {
-          interleaved_grad_sums<scalar_t, acc_t, RELU, false>(a.dy + off, a.x + off, nullptr, C, rows, a.p,
-                                                              s_dy.data(), s_dy_xc.data());
-        } else {
-          interleaved_grad_sums<scalar_t, acc_t, RELU, true>(a.dy + off, a.x + off, out.begin(a.dx + off), C, rows,
-                                                             a.p, s_dy.data(), s_dy_xc.data());
-          out.end(a.dx + off, rows * C);
-        }
+        pol.sums_rows(dy + off, x + off, writes ? out.begin(dx + off) : nullptr, C, t0, rows, s_dy.data(),
+                      s_dy_xc.data());
+        if (writes) out.end(dx + off, rows * C);
       }
       for (int64_t c = 0; c < C; ++c) part_dy[blk * C + c] = s_dy[c], part_dy_xc[blk * C + c] = s_dy_xc[c];
     }
   });
   for (int64_t blk = 0; blk < nchunks; ++blk)
     for (int64_t c = 0; c < C; ++c) tot_dy[c] += part_dy[blk * C + c], tot_dy_xc[c] += part_dy_xc[blk * C + c];
-  if (!training) return;
-
-  std::vector<acc_t> mean_dy(C), proj(C);
-  for (int64_t c = 0; c < C; ++c) {
-    const auto k = a.coeffs(c, tot_dy[c], tot_dy_xc[c]);
-    mean_dy[c] = k.mean_dy;
-    proj[c] = k.proj;
-  }
+  if (!pol.training) return;
+  pol.prepare(tot_dy, tot_dy_xc);
   parallel_for(0, M_rows, rpc, [&](int64_t r0, int64_t r1) {
-    OutputTiles<scalar_t> out(a.g, rows_per_tile * C);
+    OutputTiles<scalar_t> out(g, rows_per_tile * C);
     for (int64_t t0 = r0; t0 < r1; t0 += rows_per_tile) {
       const int64_t rows = std::min(rows_per_tile, r1 - t0), off = t0 * C;
-      interleaved_input_grad_rows<scalar_t, acc_t, RELU>(a.dy + off, a.x + off, out.begin(a.dx + off), C, rows, a.p,
-                                                         mean_dy.data(), proj.data());
-      out.end(a.dx + off, rows * C);
+      pol.input_grad_rows(dy + off, x + off, dx + off, out.begin(dx + off), C, t0, rows);
+      out.end(dx + off, rows * C);
     }
   });
+}
+
+// (sum_dy, sum_dy_xhat) outputs from the fp64 totals: sum_dy_xhat = sum g * (x - mean) * invstd.
+template <typename acc_t>
+void write_grad_sums(const double* tot_dy, const double* tot_dy_xc, const ChannelParams<acc_t>& p, at::Tensor& sum_dy,
+                     at::Tensor& sum_dy_xhat) {
+  acc_t* out_dy = sum_dy.mutable_data_ptr<acc_t>();
+  acc_t* out_dy_xhat = sum_dy_xhat.mutable_data_ptr<acc_t>();
+  for (size_t c = 0; c < p.mean.size(); ++c) {
+    out_dy[c] = static_cast<acc_t>(tot_dy[c]);
+    out_dy_xhat[c] = static_cast<acc_t>(tot_dy_xc[c] * static_cast<double>(p.invstd[c]));
+  }
 }
 
 template <typename scalar_t, bool RELU>
@@ -568,23 +957,24 @@ void backward_kernel(const at::Tensor& dy_t, const at::Tensor& x_t, at::Tensor& 
                      const at::Tensor& mean_t, const at::Tensor& var_t, at::Tensor& sum_dy_t,
                      at::Tensor& sum_dy_xhat_t) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t C = g.C;
-  const ChannelParams<acc_t> p(C, mean_t.const_data_ptr<acc_t>(), var_t.const_data_ptr<acc_t>(), eps,
+  const ChannelParams<acc_t> p(g.C, mean_t.const_data_ptr<acc_t>(), var_t.const_data_ptr<acc_t>(), eps,
                                weight.const_data_ptr<acc_t>(), bias.const_data_ptr<acc_t>());
-  const BackwardArgs<scalar_t, acc_t> a{dy_t.const_data_ptr<scalar_t>(), x_t.const_data_ptr<scalar_t>(),
-                                        dx_t.mutable_data_ptr<scalar_t>(), g, p, static_cast<double>(g.rows())};
-  std::vector<double> tot_dy(C, 0.0), tot_dy_xc(C, 0.0);
-  if (g.interleaved) {
-    interleaved_backward<scalar_t, acc_t, RELU>(a, training, tot_dy.data(), tot_dy_xc.data());
-  } else {
-    planar_backward<scalar_t, acc_t, RELU>(a, training, tot_dy.data(), tot_dy_xc.data());
-  }
-  acc_t* out_dy = sum_dy_t.mutable_data_ptr<acc_t>();
-  acc_t* out_dy_xhat = sum_dy_xhat_t.mutable_data_ptr<acc_t>();
-  for (int64_t c = 0; c < C; ++c) {
-    out_dy[c] = static_cast<acc_t>(tot_dy[c]);
-    out_dy_xhat[c] = static_cast<acc_t>(tot_dy_xc[c] * static_cast<double>(p.invstd[c]));
-  }
+  BnBackward<scalar_t, acc_t, RELU> pol(BackwardCommon<acc_t>{p, static_cast<double>(g.rows()), training});
+  std::vector<double> tot_dy(g.C, 0.0), tot_dy_xc(g.C, 0.0);
+  backward_passes<scalar_t, acc_t>(dy_t.const_data_ptr<scalar_t>(), x_t.const_data_ptr<scalar_t>(),
+                                   dx_t.mutable_data_ptr<scalar_t>(), g, pol, tot_dy.data(), tot_dy_xc.data());
+  write_grad_sums(tot_dy.data(), tot_dy_xc.data(), p, sum_dy_t, sum_dy_xhat_t);
+}
+
+// l_p: the per-channel constants of the elementwise passes, invstd := 1 / (N + eps) (in fp64).
+template <typename acc_t>
+ChannelParams<acc_t> lp_params(int64_t C, const at::Tensor& mean, const at::Tensor& norm, double eps,
+                               const at::Tensor& w, const at::Tensor& b) {
+  std::vector<acc_t> inv(C);
+  const acc_t* n = norm.const_data_ptr<acc_t>();
+  for (int64_t c = 0; c < C; ++c) inv[c] = static_cast<acc_t>(1.0 / (static_cast<double>(n[c]) + eps));
+  return ChannelParams<acc_t>(C, mean.const_data_ptr<acc_t>(), inv.data(), w.const_data_ptr<acc_t>(),
+                              b.const_data_ptr<acc_t>());
 }
 
 }  // namespace
@@ -604,17 +994,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(
   const auto dev = input.device();
   Tensor y = empty_in_layout(x, g);
   Tensor mean, var;
-  if (training) {
-    // An empty batch (allowed by torch) has undefined statistics: NaN, and the Python wrapper
-    // leaves the running stats alone, as torch does.
-    mean = at::full({g.C}, NAN, input.options().dtype(acc));
-    var = at::full({g.C}, NAN, input.options().dtype(acc));
-  } else {
-    TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
-                "bnext.batch_norm: running_mean and running_var are required when training=False");
-    mean = running_mean->to(acc).clone();
-    var = running_var->to(acc).clone();
-  }
+  std::tie(mean, var) = forward_statistics(input, g.C, training, running_mean, running_var,
+                                        "bnext.batch_norm: running_mean and running_var");
   if (g.numel() == 0) return {y, mean, var};
   const Tensor w = channel_vector(weight, g.C, acc, dev, 1.0);
   const Tensor b = channel_vector(bias, g.C, acc, dev, 0.0);
@@ -631,29 +1012,169 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, bool training,
     double eps, bool relu) {
   check_input(input);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), "bnext.batch_norm backward: grad_out shape ",
-              grad_out.sizes(), " differs from input shape ", input.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "bnext.batch_norm backward: grad_out dtype ",
-              grad_out.scalar_type(), " differs from input dtype ", input.scalar_type());
+  check_grad_out(grad_out, input, "batch_norm");
   Geometry g;
   const Tensor x = to_kernel_layout(input, &g);
   const Tensor dy = match_layout(grad_out, g);
   const auto acc = acc_dtype(input.scalar_type());
   const auto dev = input.device();
-  Tensor dx = empty_in_layout(x, g);
-  Tensor sum_dy = at::zeros({g.C}, input.options().dtype(acc));
-  Tensor sum_dy_xhat = at::zeros({g.C}, input.options().dtype(acc));
-  if (g.numel() == 0) return {dx, sum_dy, sum_dy_xhat};
+  BackwardOutputs out = backward_outputs(x, g);
+  if (g.numel() == 0) return out.tuple();
   const Tensor w = channel_vector(weight, g.C, acc, dev, 1.0);
   const Tensor b = channel_vector(bias, g.C, acc, dev, 0.0);
   const Tensor m = mean.to(acc).contiguous();
   const Tensor v = var.to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnext_batch_norm_backward_cpu", [&] {
     with_bool(relu, [&](auto RELU) {
-      backward_kernel<scalar_t, decltype(RELU)::value>(dy, x, dx, g, training, eps, w, b, m, v, sum_dy, sum_dy_xhat);
+      backward_kernel<scalar_t, decltype(RELU)::value>(dy, x, out.dx, g, training, eps, w, b, m, v, out.sum_dy,
+                                                       out.sum_dy_xhat);
     });
   });
-  return {dx, sum_dy, sum_dy_xhat};
+  return out.tuple();
+}
+
+// Noisy BatchNorm, training: BatchNorm statistics, then one elementwise pass with the noise epilogue.
+std::tuple<Tensor, Tensor, Tensor> noisy_batch_norm_forward_cpu(
+    const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps,
+    const Tensor& seed, at::ArrayRef<double> noise, int64_t noise_channels) {
+  check_input(input);
+  check_channel_arg(weight, "weight", input);
+  check_channel_arg(bias, "bias", input);
+  const NoiseSpec ns = noise_spec(seed, noise, noise_channels, input);
+  Geometry g;
+  const Tensor x = to_kernel_layout(input, &g);
+  const auto acc = acc_dtype(input.scalar_type());
+  Tensor y = empty_in_layout(x, g);
+  Tensor mean, var;
+  std::tie(mean, var) = forward_statistics(input, g.C, true, std::nullopt, std::nullopt, "");
+  if (g.numel() == 0) return {y, mean, var};
+  const Tensor w = channel_vector(weight, g.C, acc, input.device(), 1.0);
+  const Tensor b = channel_vector(bias, g.C, acc, input.device(), 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnext_noisy_bn_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    acc_t* mp = mean.mutable_data_ptr<acc_t>();
+    acc_t* vp = var.mutable_data_ptr<acc_t>();
+    bn_statistics<scalar_t, acc_t>(xp, g, mp, vp);
+    const ChannelParams<acc_t> p(g.C, mp, vp, eps, w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>());
+    const NoiseDraw draw(ns, g);
+    normalize_pass(xp, y.mutable_data_ptr<scalar_t>(), g, p, NoiseEpilogue<scalar_t, acc_t>{draw});
+  });
+  return {y, mean, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor> noisy_batch_norm_backward_cpu(
+    const Tensor& grad_out, const Tensor& input, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, double eps, const Tensor& seed,
+    at::ArrayRef<double> noise, int64_t noise_channels) {
+  check_input(input);
+  check_grad_out(grad_out, input, "noisy_batch_norm");
+  const NoiseSpec ns = noise_spec(seed, noise, noise_channels, input);
+  Geometry g;
+  const Tensor x = to_kernel_layout(input, &g);
+  const Tensor dy = match_layout(grad_out, g);
+  const auto acc = acc_dtype(input.scalar_type());
+  BackwardOutputs out = backward_outputs(x, g);
+  if (g.numel() == 0) return out.tuple();
+  const Tensor w = channel_vector(weight, g.C, acc, input.device(), 1.0);
+  const Tensor b = channel_vector(bias, g.C, acc, input.device(), 0.0);
+  const Tensor m = mean.to(acc).contiguous();
+  const Tensor v = var.to(acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnext_noisy_bn_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ChannelParams<acc_t> p(g.C, m.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(), eps,
+                                 w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>());
+    const NoiseDraw draw(ns, g);
+    NoisyBackward<scalar_t, acc_t> pol(BackwardCommon<acc_t>{p, static_cast<double>(g.rows()), true}, draw);
+    std::vector<double> tot_dy(g.C, 0.0), tot_dy_xc(g.C, 0.0);
+    backward_passes<scalar_t, acc_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                     out.dx.mutable_data_ptr<scalar_t>(), g, pol, tot_dy.data(), tot_dy_xc.data());
+    write_grad_sums(tot_dy.data(), tot_dy_xc.data(), p, out.sum_dy, out.sum_dy_xhat);
+  });
+  return out.tuple();
+}
+
+// l_p: the l_p statistics policy, then BatchNorm's elementwise pass with invstd = 1 / (N + eps).
+std::tuple<Tensor, Tensor, Tensor, Tensor> lp_norm_forward_cpu(
+    const Tensor& input, double p, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_norm, bool training, double eps) {
+  check_input(input);
+  check_channel_arg(weight, "weight", input);
+  check_channel_arg(bias, "bias", input);
+  check_channel_arg(running_mean, "running_mean", input);
+  check_channel_arg(running_norm, "running_norm", input);
+  const LpKind kind = lp_kind(p);
+  Geometry g;
+  const Tensor x = to_kernel_layout(input, &g);
+  const auto acc = acc_dtype(input.scalar_type());
+  Tensor y = empty_in_layout(x, g);
+  Tensor mean, norm;
+  std::tie(mean, norm) = forward_statistics(input, g.C, training, running_mean, running_norm,
+                                         "bnext.lp_norm: running_mean and running_norm");
+  Tensor argmax = at::full({g.C}, -1, input.options().dtype(at::kLong));
+  if (g.numel() == 0) return {y, mean, norm, argmax};
+  const Tensor w = channel_vector(weight, g.C, acc, input.device(), 1.0);
+  const Tensor b = channel_vector(bias, g.C, acc, input.device(), 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnext_lp_norm_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    if (training) {
+      std::vector<LpPartial> st;
+      with_lp_kind(kind, [&](auto P) {
+        constexpr LpKind kP = decltype(P)::value;
+        st = g.interleaved ? lp_interleaved_stats<scalar_t, acc_t, kP>(xp, g) : lp_planar_stats<scalar_t, acc_t, kP>(xp, g);
+      });
+      const double M = static_cast<double>(g.rows());
+      acc_t* mp = mean.mutable_data_ptr<acc_t>();
+      acc_t* np = norm.mutable_data_ptr<acc_t>();
+      int64_t* am = argmax.mutable_data_ptr<int64_t>();
+      for (int64_t c = 0; c < g.C; ++c) {
+        mp[c] = static_cast<acc_t>(st[c].sum / M);
+        np[c] = static_cast<acc_t>(lp_norm_value(kind, st[c].pow, st[c].max.max, M));
+        am[c] = kind == LpKind::kLinf ? st[c].max.index : -1;
+      }
+    }
+    const ChannelParams<acc_t> params = lp_params<acc_t>(g.C, mean, norm, eps, w, b);
+    normalize_pass(xp, y.mutable_data_ptr<scalar_t>(), g, params, AffineEpilogue<scalar_t, acc_t, false>{});
+  });
+  return {y, mean, norm, argmax};
+}
+
+std::tuple<Tensor, Tensor, Tensor> lp_norm_backward_cpu(
+    const Tensor& grad_out, const Tensor& input, double p, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& norm, const Tensor& argmax, bool training,
+    double eps) {
+  check_input(input);
+  check_grad_out(grad_out, input, "lp_norm");
+  const LpKind kind = lp_kind(p);
+  TORCH_CHECK(argmax.dim() == 1 && argmax.size(0) == input.size(1) && argmax.scalar_type() == at::kLong,
+              "bnext.lp_norm backward: argmax must be an int64 tensor with one value per channel");
+  Geometry g;
+  const Tensor x = to_kernel_layout(input, &g);
+  const Tensor dy = match_layout(grad_out, g);
+  const auto acc = acc_dtype(input.scalar_type());
+  BackwardOutputs out = backward_outputs(x, g);
+  if (g.numel() == 0) return out.tuple();
+  const Tensor w = channel_vector(weight, g.C, acc, input.device(), 1.0);
+  const Tensor b = channel_vector(bias, g.C, acc, input.device(), 0.0);
+  const Tensor m = mean.to(acc).contiguous(), nrm = norm.to(acc).contiguous(), am = argmax.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnext_lp_norm_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ChannelParams<acc_t> params = lp_params<acc_t>(g.C, m, nrm, eps, w, b);
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* dxp = out.dx.mutable_data_ptr<scalar_t>();
+    std::vector<double> tot_dy(g.C, 0.0), tot_dy_xc(g.C, 0.0);
+    with_lp_kind(kind, [&](auto P) {
+      LpBackwardPolicy<scalar_t, acc_t, decltype(P)::value> pol(
+          BackwardCommon<acc_t>{params, static_cast<double>(g.rows()), training}, nrm.const_data_ptr<acc_t>(),
+          am.const_data_ptr<int64_t>(), eps, w.const_data_ptr<acc_t>());
+      backward_passes<scalar_t, acc_t>(dyp, xp, dxp, g, pol, tot_dy.data(), tot_dy_xc.data());
+      if (training) pol.finish(dyp, xp, dxp, g);
+    });
+    write_grad_sums(tot_dy.data(), tot_dy_xc.data(), params, out.sum_dy, out.sum_dy_xhat);
+  });
+  return out.tuple();
 }
 
 // Local per-channel statistics for synchronized BatchNorm (bnext/distributed.py merges them across
@@ -674,6 +1195,37 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
     for (int64_t c = 0; c < g.C; ++c) mp[c] = st[c].mean, qp[c] = st[c].m2;
   });
   return {mean, m2};
+}
+
+// Local per-channel l_p statistics for synchronized l_p normalization (bnext/distributed.py sums or
+// maxes them across ranks): fp64 (sum x, sum |x|^p for p = 1, 2 or max |x| for p = inf) and, for
+// p = inf, the position n * S + s of the first arg-max (else -1). Zeros and -1 for an empty input.
+std::tuple<Tensor, Tensor, Tensor> lp_norm_stats_cpu(const Tensor& input, double p) {
+  check_input(input);
+  const LpKind kind = lp_kind(p);
+  Geometry g;
+  const Tensor x = to_kernel_layout(input, &g);
+  Tensor sum = at::zeros({g.C}, input.options().dtype(at::kDouble));
+  Tensor power = at::zeros({g.C}, input.options().dtype(at::kDouble));
+  Tensor argmax = at::full({g.C}, -1, input.options().dtype(at::kLong));
+  if (g.numel() == 0) return {sum, power, argmax};
+  std::vector<LpPartial> st;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnext_lp_norm_stats_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    with_lp_kind(kind, [&](auto P) {
+      constexpr LpKind kP = decltype(P)::value;
+      st = g.interleaved ? lp_interleaved_stats<scalar_t, acc_t, kP>(xp, g) : lp_planar_stats<scalar_t, acc_t, kP>(xp, g);
+    });
+  });
+  double *sp = sum.mutable_data_ptr<double>(), *pp = power.mutable_data_ptr<double>();
+  int64_t* ap = argmax.mutable_data_ptr<int64_t>();
+  for (int64_t c = 0; c < g.C; ++c) {
+    sp[c] = st[c].sum;
+    pp[c] = kind == LpKind::kLinf ? st[c].max.max : st[c].pow;
+    ap[c] = kind == LpKind::kLinf ? st[c].max.index : -1;
+  }
+  return {sum, power, argmax};
 }
 
 }  // namespace bnext

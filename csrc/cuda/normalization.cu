@@ -431,14 +431,6 @@ elementwise_kernel(Op op, int64_t numel, int64_t inner, int64_t C, DigitStep ste
 // Host-side launch helpers
 // ---------------------------------------------------------------------------------------------
 
-template <bool B>
-using Bool = std::integral_constant<bool, B>;
-
-template <typename F>
-void with_bool(bool b, F&& f) {
-  if (b) f(Bool<true>{}); else f(Bool<false>{});
-}
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int sm_count(const at::Device& device) {
@@ -594,9 +586,27 @@ void backward_impl(const at::Tensor& dy_t, const at::Tensor& x_t, at::Tensor& dx
                      g, sms, stream);
 }
 
+void check_cuda_input(const at::Tensor& input, const char* op) {
+  check_input(input);
+  TORCH_CHECK(input.is_cuda(), "bnext.", op, ": the CUDA kernel got input on ", input.device());
+}
+
 void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& input) {
   TORCH_CHECK(t.device() == input.device(), "bnext: ", name, " is on ", t.device(), " but input is on ",
               input.device());
+}
+
+// The arguments of every backward op: grad_out like the input, and the per-channel tensors the
+// kernels read on the device (checked here: the CPU path would only read out of bounds by luck).
+void check_cuda_backward_args(const at::Tensor& grad_out, const at::Tensor& input,
+                              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                              const at::Tensor& mean, const at::Tensor& second, const char* second_name,
+                              const char* op) {
+  check_grad_out(grad_out, input, op);
+  check_channel_arg(mean, "mean", input);
+  check_channel_arg(second, second_name, input);
+  check_channel_arg(weight, "weight", input);
+  check_channel_arg(bias, "bias", input);
 }
 
 }  // namespace
@@ -605,29 +615,22 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cuda(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
     bool training, double eps, bool relu) {
-  check_input(input);
+  check_cuda_input(input, "batch_norm");
   check_channel_arg(weight, "weight", input);
   check_channel_arg(bias, "bias", input);
   check_channel_arg(running_mean, "running_mean", input);
   check_channel_arg(running_var, "running_var", input);
-  TORCH_CHECK(input.is_cuda(), "bnext: the CUDA kernel got input on ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
   Geometry g;
   const Tensor x = to_kernel_layout(input, &g);
   const auto acc = acc_dtype(input.scalar_type());
   const auto dev = input.device();
   Tensor y = empty_in_layout(x, g);
+  TORCH_CHECK(!training || g.rows() > 0 || g.C == 0,
+              "bnext.batch_norm: training needs at least one value per channel, got input shape ", input.sizes());
   Tensor mean, var;
-  if (training) {
-    TORCH_CHECK(g.rows() > 0 || g.C == 0, "bnext.batch_norm: training needs at least one value per channel, got input shape ", input.sizes());
-    mean = at::empty({g.C}, input.options().dtype(acc));
-    var = at::empty({g.C}, input.options().dtype(acc));
-  } else {
-    TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
-                "bnext.batch_norm: running_mean and running_var are required when training=False");
-    mean = running_mean->to(acc).clone().contiguous();
-    var = running_var->to(acc).clone().contiguous();
-  }
+  std::tie(mean, var) = forward_statistics(input, g.C, training, running_mean, running_var,
+                                           "bnext.batch_norm: running_mean and running_var");
   if (g.numel() == 0) return {y, mean, var};
   const Tensor w = channel_vector(weight, g.C, acc, dev, 1.0);
   const Tensor b = channel_vector(bias, g.C, acc, dev, 0.0);
@@ -643,38 +646,27 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
     const Tensor& grad_out, const Tensor& input, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, bool training,
     double eps, bool relu) {
-  check_input(input);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), "bnext.batch_norm backward: grad_out shape ",
-              grad_out.sizes(), " differs from input shape ", input.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "bnext.batch_norm backward: grad_out dtype ",
-              grad_out.scalar_type(), " differs from input dtype ", input.scalar_type());
-  TORCH_CHECK(input.is_cuda(), "bnext: the CUDA kernel got input on ", input.device());
-  check_same_device(grad_out, "grad_out", input);
-  // The kernels read mean/var per channel on the device: check what the CPU path leaves to luck.
-  check_channel_arg(mean, "mean", input);
-  check_channel_arg(var, "var", input);
-  check_channel_arg(weight, "weight", input);
-  check_channel_arg(bias, "bias", input);
+  check_cuda_input(input, "batch_norm");
+  check_cuda_backward_args(grad_out, input, weight, bias, mean, var, "var", "batch_norm");
   const c10::cuda::CUDAGuard guard(input.device());
   Geometry g;
   const Tensor x = to_kernel_layout(input, &g);
   const Tensor dy = match_layout(grad_out, g);
   const auto acc = acc_dtype(input.scalar_type());
   const auto dev = input.device();
-  Tensor dx = empty_in_layout(x, g);
-  Tensor sum_dy = at::zeros({g.C}, input.options().dtype(acc));
-  Tensor sum_dy_xhat = at::zeros({g.C}, input.options().dtype(acc));
-  if (g.numel() == 0) return {dx, sum_dy, sum_dy_xhat};
+  BackwardOutputs out = backward_outputs(x, g);
+  if (g.numel() == 0) return out.tuple();
   const Tensor w = channel_vector(weight, g.C, acc, dev, 1.0);
   const Tensor b = channel_vector(bias, g.C, acc, dev, 0.0);
   const Tensor m = mean.to(acc).contiguous();
   const Tensor v = var.to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnext_batch_norm_backward_cuda", [&] {
     with_bool(relu, [&](auto RELU) {
-      backward_impl<scalar_t, decltype(RELU)::value>(dy, x, dx, g, training, eps, w, b, m, v, sum_dy, sum_dy_xhat);
+      backward_impl<scalar_t, decltype(RELU)::value>(dy, x, out.dx, g, training, eps, w, b, m, v, out.sum_dy,
+                                                     out.sum_dy_xhat);
     });
   });
-  return {dx, sum_dy, sum_dy_xhat};
+  return out.tuple();
 }
 
 // =============================================================================================
@@ -917,15 +909,6 @@ struct LpBackwardOp {
   }
 };
 
-template <typename F>
-void with_lp_kind(LpKind p, F&& f) {
-  switch (p) {
-    case LpKind::kL1: f(std::integral_constant<LpKind, LpKind::kL1>{}); break;
-    case LpKind::kL2: f(std::integral_constant<LpKind, LpKind::kL2>{}); break;
-    case LpKind::kLinf: f(std::integral_constant<LpKind, LpKind::kLinf>{}); break;
-  }
-}
-
 unsigned channel_blocks(int64_t C) { return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(C, kThreads), 1 << 16))); }
 
 void launch_channel_noise(const NoiseSpec& ns, int64_t C, at::Tensor& mu, at::Tensor& sigma, cudaStream_t stream) {
@@ -1052,11 +1035,6 @@ void lp_backward_impl(const at::Tensor& dy_t, const at::Tensor& x_t, at::Tensor&
                      g, sms, stream);
 }
 
-void check_cuda_input(const at::Tensor& input, const char* op) {
-  check_input(input);
-  TORCH_CHECK(input.is_cuda(), "bnext.", op, ": the CUDA kernel got input on ", input.device());
-}
-
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> noisy_batch_norm_forward_cuda(
@@ -1071,8 +1049,8 @@ std::tuple<Tensor, Tensor, Tensor> noisy_batch_norm_forward_cuda(
   const Tensor x = to_kernel_layout(input, &g);
   const auto acc = acc_dtype(input.scalar_type());
   Tensor y = empty_in_layout(x, g);
-  Tensor mean = at::full({g.C}, NAN, input.options().dtype(acc));
-  Tensor var = at::full({g.C}, NAN, input.options().dtype(acc));
+  Tensor mean, var;
+  std::tie(mean, var) = forward_statistics(input, g.C, true, std::nullopt, std::nullopt, "");
   if (g.numel() == 0) return {y, mean, var};
   const Tensor w = channel_vector(weight, g.C, acc, input.device(), 1.0);
   const Tensor b = channel_vector(bias, g.C, acc, input.device(), 0.0);
@@ -1087,31 +1065,22 @@ std::tuple<Tensor, Tensor, Tensor> noisy_batch_norm_backward_cuda(
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, double eps, const Tensor& seed,
     at::ArrayRef<double> noise, int64_t noise_channels) {
   check_cuda_input(input, "noisy_batch_norm");
-  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type(),
-              "bnext.noisy_batch_norm backward: grad_out (", grad_out.sizes(), ", ", grad_out.scalar_type(),
-              ") must match input (", input.sizes(), ", ", input.scalar_type(), ")");
-  check_same_device(grad_out, "grad_out", input);
-  check_channel_arg(mean, "mean", input);
-  check_channel_arg(var, "var", input);
-  check_channel_arg(weight, "weight", input);
-  check_channel_arg(bias, "bias", input);
+  check_cuda_backward_args(grad_out, input, weight, bias, mean, var, "var", "noisy_batch_norm");
   const NoiseSpec ns = noise_spec(seed, noise, noise_channels, input);
   const c10::cuda::CUDAGuard guard(input.device());
   Geometry g;
   const Tensor x = to_kernel_layout(input, &g);
   const Tensor dy = match_layout(grad_out, g);
   const auto acc = acc_dtype(input.scalar_type());
-  Tensor dx = empty_in_layout(x, g);
-  Tensor sum_dy = at::zeros({g.C}, input.options().dtype(acc));
-  Tensor sum_dy_xhat = at::zeros({g.C}, input.options().dtype(acc));
-  if (g.numel() == 0) return {dx, sum_dy, sum_dy_xhat};
+  BackwardOutputs out = backward_outputs(x, g);
+  if (g.numel() == 0) return out.tuple();
   const Tensor w = channel_vector(weight, g.C, acc, input.device(), 1.0);
   const Tensor m = mean.to(acc).contiguous();
   const Tensor v = var.to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnext_noisy_bn_backward_cuda", [&] {
-    noisy_backward_impl<scalar_t>(dy, x, dx, g, eps, w, m, v, sum_dy, sum_dy_xhat, ns);
+    noisy_backward_impl<scalar_t>(dy, x, out.dx, g, eps, w, m, v, out.sum_dy, out.sum_dy_xhat, ns);
   });
-  return {dx, sum_dy, sum_dy_xhat};
+  return out.tuple();
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> lp_norm_forward_cuda(
@@ -1129,16 +1098,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lp_norm_forward_cuda(
   const auto acc = acc_dtype(input.scalar_type());
   Tensor y = empty_in_layout(x, g);
   Tensor mean, norm;
+  std::tie(mean, norm) = forward_statistics(input, g.C, training, running_mean, running_norm,
+                                            "bnext.lp_norm: running_mean and running_norm");
   Tensor argmax = at::full({g.C}, -1, input.options().dtype(at::kLong));
-  if (training) {
-    mean = at::full({g.C}, NAN, input.options().dtype(acc));
-    norm = at::full({g.C}, NAN, input.options().dtype(acc));
-  } else {
-    TORCH_CHECK(running_mean.has_value() && running_norm.has_value(),
-                "bnext.lp_norm: running_mean and running_norm are required when training=False");
-    mean = running_mean->to(acc).clone().contiguous();
-    norm = running_norm->to(acc).clone().contiguous();
-  }
   if (g.numel() == 0) return {y, mean, norm, argmax};
   const Tensor w = channel_vector(weight, g.C, acc, input.device(), 1.0);
   const Tensor b = channel_vector(bias, g.C, acc, input.device(), 0.0);
@@ -1155,14 +1117,7 @@ std::tuple<Tensor, Tensor, Tensor> lp_norm_backward_cuda(
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& norm, const Tensor& argmax, bool training,
     double eps) {
   check_cuda_input(input, "lp_norm");
-  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type(),
-              "bnext.lp_norm backward: grad_out (", grad_out.sizes(), ", ", grad_out.scalar_type(),
-              ") must match input (", input.sizes(), ", ", input.scalar_type(), ")");
-  check_same_device(grad_out, "grad_out", input);
-  check_channel_arg(mean, "mean", input);
-  check_channel_arg(norm, "norm", input);
-  check_channel_arg(weight, "weight", input);
-  check_channel_arg(bias, "bias", input);
+  check_cuda_backward_args(grad_out, input, weight, bias, mean, norm, "norm", "lp_norm");
   TORCH_CHECK(argmax.dim() == 1 && argmax.size(0) == input.size(1) && argmax.scalar_type() == at::kLong,
               "bnext.lp_norm backward: argmax must be an int64 tensor with one value per channel");
   check_same_device(argmax, "argmax", input);
@@ -1172,10 +1127,8 @@ std::tuple<Tensor, Tensor, Tensor> lp_norm_backward_cuda(
   const Tensor x = to_kernel_layout(input, &g);
   const Tensor dy = match_layout(grad_out, g);
   const auto acc = acc_dtype(input.scalar_type());
-  Tensor dx = empty_in_layout(x, g);
-  Tensor sum_dy = at::zeros({g.C}, input.options().dtype(acc));
-  Tensor sum_dy_xhat = at::zeros({g.C}, input.options().dtype(acc));
-  if (g.numel() == 0) return {dx, sum_dy, sum_dy_xhat};
+  BackwardOutputs out = backward_outputs(x, g);
+  if (g.numel() == 0) return out.tuple();
   const Tensor w = channel_vector(weight, g.C, acc, input.device(), 1.0);
   const Tensor b = channel_vector(bias, g.C, acc, input.device(), 0.0);
   const Tensor m = mean.to(acc).contiguous();
@@ -1183,10 +1136,11 @@ std::tuple<Tensor, Tensor, Tensor> lp_norm_backward_cuda(
   const Tensor am = argmax.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnext_lp_norm_backward_cuda", [&] {
     with_lp_kind(kind, [&](auto P) {
-      lp_backward_impl<scalar_t, decltype(P)::value>(dy, x, dx, g, training, eps, w, b, m, n, am, sum_dy, sum_dy_xhat);
+      lp_backward_impl<scalar_t, decltype(P)::value>(dy, x, out.dx, g, training, eps, w, b, m, n, am, out.sum_dy,
+                                                     out.sum_dy_xhat);
     });
   });
-  return {dx, sum_dy, sum_dy_xhat};
+  return out.tuple();
 }
 
 // =============================================================================================

@@ -1,0 +1,324 @@
+#pragma once
+// Noisy BatchNorm's noise (csrc/common/noise.h) drawn many elements at a time on the CPU.
+//
+// The scalar definition costs one Philox4x32-10 call (20 32x32->64-bit multiplies), a log, a sqrt
+// and a cos per element: about 125 ns when the compiler leaves it scalar, which it did (measured:
+// the noise pass alone was 2-3x slower than the whole eager composition). Here the same arithmetic
+// runs on W = 16 (AVX-512) or 8 (AVX2) elements at once, one element per vector lane:
+//   - Philox: a 32x32->64 multiply per lane is two vpmuludq (even and odd lanes) plus blends that
+//     put the low and high halves back in their lanes;
+//   - u, u', the log and the cos: the SAME operations in the same order as the scalar functions of
+//     noise.h (no FMA contraction: the build uses -ffp-contract=off and every step here is a
+//     separate multiply or add), on IEEE single precision with round-to-nearest, and sqrt is the
+//     correctly rounded vsqrtps like sqrtf. So every lane is bitwise equal to the scalar
+//     element_noise (tests/test_noisy_batch_norm.py runs all instruction sets and compares bits);
+//     the CUDA kernel (nvcc --use_fast_math, FMA contraction) agrees to a few ulp, as documented in
+//     noise.h.
+// The scalar fallback (baseline ISA, and the tails) calls noise.h directly.
+//
+// What the kernels take from a call: for the elements with logical indices i0 + k * stride,
+// k in [0, len),  z[k] = the standard normal of the element and v[k] = 2 u(r2) - 1 (optional), so
+// that s = sigma_c + noise_std_spread * z and m = mu_c + noise_mean_spread * v exactly as
+// element_noise computes them.
+#include <algorithm>
+#include <cstdint>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "../common/noise.h"
+#include "isa.h"
+
+namespace bnext {
+namespace noise_cpu {
+
+// Lanes of the widest generator; callers size their buffers in multiples of it.
+constexpr int64_t kMaxLanes = 16;
+
+inline void scalar_block(uint32_t key0, uint32_t key1, int64_t i0, int64_t stride, int64_t len, float* z, float* v) {
+  NoiseSpec ns{};
+  ns.key0 = key0;
+  ns.key1 = key1;
+  for (int64_t k = 0; k < len; ++k) {
+    const Philox4 r = element_bits(ns, i0 + k * stride);
+    z[k] = element_normal(r);
+    if (v) v[k] = 2.0f * uniform_co(r.v[2]) - 1.0f;
+  }
+}
+
+#ifdef BNEXT_ISA_X86_DISPATCH
+// Vector arguments of the generic functions would change ABI if they were ever called out of line
+// (they are not: everything is inlined into the two entry points), which GCC notes at every use.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// The generic functions below carry no target of their own: the two entry points are `flatten`, so
+// everything under them is inlined into a function compiled for that instruction set (as in isa.h).
+#define BNEXT_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))) inline
+#define BNEXT_TARGET_AVX2 __attribute__((target("avx2,fma"))) inline
+#define BNEXT_LANES inline
+
+// The vector operations the generator needs, per instruction set. M is a lane mask.
+struct V512 {
+  using I = __m512i;
+  using F = __m512;
+  using M = __mmask16;
+  static constexpr int W = 16;
+  BNEXT_TARGET_AVX512 static I set1(uint32_t a) { return _mm512_set1_epi32(static_cast<int>(a)); }
+  BNEXT_TARGET_AVX512 static F set1f(float a) { return _mm512_set1_ps(a); }
+  BNEXT_TARGET_AVX512 static I load(const uint32_t* p) { return _mm512_loadu_si512(p); }
+  BNEXT_TARGET_AVX512 static void store(float* p, F a) { _mm512_storeu_ps(p, a); }
+  BNEXT_TARGET_AVX512 static I add(I a, I b) { return _mm512_add_epi32(a, b); }
+  BNEXT_TARGET_AVX512 static I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
+  BNEXT_TARGET_AVX512 static I bxor(I a, I b) { return _mm512_xor_si512(a, b); }
+  BNEXT_TARGET_AVX512 static I band(I a, I b) { return _mm512_and_si512(a, b); }
+  BNEXT_TARGET_AVX512 static I bor(I a, I b) { return _mm512_or_si512(a, b); }
+  template <int n>
+  BNEXT_TARGET_AVX512 static I srl(I a) { return _mm512_srli_epi32(a, n); }
+  template <int n>
+  BNEXT_TARGET_AVX512 static I sll(I a) { return _mm512_slli_epi32(a, n); }
+  // hi:lo = a * m per lane (full 64-bit product of 32-bit unsigned values).
+  BNEXT_TARGET_AVX512 static void mulhilo(I a, I m, I& hi, I& lo) {
+    const I even = _mm512_mul_epu32(a, m);                         // lanes 0, 2, ...: 64-bit products
+    const I odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);   // lanes 1, 3, ...
+    lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+    hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  }
+  BNEXT_TARGET_AVX512 static F to_float(I a) { return _mm512_cvtepi32_ps(a); }  // exact below 2^24
+  BNEXT_TARGET_AVX512 static I trunc(F a) { return _mm512_cvttps_epi32(a); }
+  BNEXT_TARGET_AVX512 static F as_float(I a) { return _mm512_castsi512_ps(a); }
+  BNEXT_TARGET_AVX512 static I as_int(F a) { return _mm512_castps_si512(a); }
+  BNEXT_TARGET_AVX512 static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  BNEXT_TARGET_AVX512 static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  BNEXT_TARGET_AVX512 static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  BNEXT_TARGET_AVX512 static F sqrt(F a) { return _mm512_sqrt_ps(a); }
+  BNEXT_TARGET_AVX512 static M lt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  BNEXT_TARGET_AVX512 static M gt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  BNEXT_TARGET_AVX512 static M nonzero(I a) { return _mm512_test_epi32_mask(a, a); }
+  BNEXT_TARGET_AVX512 static F select(M m, F a, F b) { return _mm512_mask_blend_ps(m, b, a); }  // m ? a : b
+
+  // Philox4x32-10 of 16 counters (lo, hi, 0, 0); returns words 0..2. Each counter word sits in the low
+  // half of a 64-bit lane (two vectors of 8 elements): one vpmuludq then gives the whole product, lo in
+  // the low half (the next round reads only low halves, so the high half needs no clearing) and hi
+  // one shift away, and the two xors of a round fold into one vpternlogd: 6 operations per 8 elements
+  // and round instead of 10 with 32-bit lanes.
+  BNEXT_TARGET_AVX512 static void philox(I lo, I hi, uint32_t k0, uint32_t k1, I& r0, I& r1, I& r2) {
+    const I m0 = _mm512_set1_epi64(0xD2511F53u), m1 = _mm512_set1_epi64(0xCD9E8D57u);
+    I c0[2] = {_mm512_cvtepu32_epi64(_mm512_castsi512_si256(lo)), _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(lo, 1))};
+    I c1[2] = {_mm512_cvtepu32_epi64(_mm512_castsi512_si256(hi)), _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(hi, 1))};
+    I c2[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+    I c3[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (int round = 0; round < 10; ++round) {
+      const I key0 = _mm512_set1_epi64(k0), key1 = _mm512_set1_epi64(k1);
+      for (int h = 0; h < 2; ++h) {
+        const I p0 = _mm512_mul_epu32(c0[h], m0), p1 = _mm512_mul_epu32(c2[h], m1);
+        c0[h] = _mm512_ternarylogic_epi32(_mm512_srli_epi64(p1, 32), c1[h], key0, 0x96);  // hi1 ^ c1 ^ k0
+        c2[h] = _mm512_ternarylogic_epi32(_mm512_srli_epi64(p0, 32), c3[h], key1, 0x96);  // hi0 ^ c3 ^ k1
+        c1[h] = p1;  // lo1 (low half)
+        c3[h] = p0;  // lo0
+      }
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    // Low halves of the 16 lanes back into one vector, element order kept.
+    const I even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    r0 = _mm512_permutex2var_epi32(c0[0], even, c0[1]);
+    r1 = _mm512_permutex2var_epi32(c1[0], even, c1[1]);
+    r2 = _mm512_permutex2var_epi32(c2[0], even, c2[1]);
+  }
+};
+
+struct V256 {
+  using I = __m256i;
+  using F = __m256;
+  using M = __m256;
+  static constexpr int W = 8;
+  BNEXT_TARGET_AVX2 static I set1(uint32_t a) { return _mm256_set1_epi32(static_cast<int>(a)); }
+  BNEXT_TARGET_AVX2 static F set1f(float a) { return _mm256_set1_ps(a); }
+  BNEXT_TARGET_AVX2 static I load(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  BNEXT_TARGET_AVX2 static void store(float* p, F a) { _mm256_storeu_ps(p, a); }
+  BNEXT_TARGET_AVX2 static I add(I a, I b) { return _mm256_add_epi32(a, b); }
+  BNEXT_TARGET_AVX2 static I sub(I a, I b) { return _mm256_sub_epi32(a, b); }
+  BNEXT_TARGET_AVX2 static I bxor(I a, I b) { return _mm256_xor_si256(a, b); }
+  BNEXT_TARGET_AVX2 static I band(I a, I b) { return _mm256_and_si256(a, b); }
+  BNEXT_TARGET_AVX2 static I bor(I a, I b) { return _mm256_or_si256(a, b); }
+  template <int n>
+  BNEXT_TARGET_AVX2 static I srl(I a) { return _mm256_srli_epi32(a, n); }
+  template <int n>
+  BNEXT_TARGET_AVX2 static I sll(I a) { return _mm256_slli_epi32(a, n); }
+  BNEXT_TARGET_AVX2 static void mulhilo(I a, I m, I& hi, I& lo) {
+    const I even = _mm256_mul_epu32(a, m);
+    const I odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+    lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+    hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  }
+  BNEXT_TARGET_AVX2 static F to_float(I a) { return _mm256_cvtepi32_ps(a); }
+  BNEXT_TARGET_AVX2 static I trunc(F a) { return _mm256_cvttps_epi32(a); }
+  BNEXT_TARGET_AVX2 static F as_float(I a) { return _mm256_castsi256_ps(a); }
+  BNEXT_TARGET_AVX2 static I as_int(F a) { return _mm256_castps_si256(a); }
+  BNEXT_TARGET_AVX2 static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  BNEXT_TARGET_AVX2 static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  BNEXT_TARGET_AVX2 static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  BNEXT_TARGET_AVX2 static F sqrt(F a) { return _mm256_sqrt_ps(a); }
+  BNEXT_TARGET_AVX2 static M lt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+  BNEXT_TARGET_AVX2 static M gt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+  BNEXT_TARGET_AVX2 static M nonzero(I a) {
+    return _mm256_castsi256_ps(_mm256_xor_si256(_mm256_cmpeq_epi32(a, _mm256_setzero_si256()), _mm256_set1_epi32(-1)));
+  }
+  BNEXT_TARGET_AVX2 static F select(M m, F a, F b) { return _mm256_blendv_ps(b, a, m); }
+  BNEXT_TARGET_AVX2 static void philox(I lo, I hi, uint32_t k0, uint32_t k1, I& r0, I& r1, I& r2);
+};
+
+// Philox4x32-10 on W counters (c0, c1, c2, c3 per lane), philox4x32_10 of noise.h lane by lane.
+template <typename V>
+BNEXT_LANES void philox_lanes(typename V::I& c0, typename V::I& c1, typename V::I& c2, typename V::I& c3,
+                                    uint32_t k0, uint32_t k1) {
+  const typename V::I m0 = V::set1(0xD2511F53u), m1 = V::set1(0xCD9E8D57u);
+  for (int round = 0; round < 10; ++round) {
+    typename V::I hi0, lo0, hi1, lo1;
+    V::mulhilo(c0, m0, hi0, lo0);
+    V::mulhilo(c2, m1, hi1, lo1);
+    c0 = V::bxor(V::bxor(hi1, c1), V::set1(k0));
+    c1 = lo1;
+    c2 = V::bxor(V::bxor(hi0, c3), V::set1(k1));
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+}
+
+// noise_log of noise.h, lane by lane (same operations, same order).
+template <typename V>
+BNEXT_LANES typename V::F log_lanes(typename V::F u) {
+  using F = typename V::F;
+  const typename V::I bits = V::as_int(u);
+  const F e0 = V::to_float(V::sub(V::band(V::template srl<23>(bits), V::set1(0xffu)), V::set1(126u)));
+  const F m = V::as_float(V::bor(V::band(bits, V::set1(0x007fffffu)), V::set1(0x3f000000u)));
+  const typename V::M small = V::lt(m, V::set1f(0.70710678118654752f));
+  const F one = V::set1f(1.0f);
+  const F fe = V::select(small, V::sub(e0, one), e0);  // e - 1 is exact: |e| < 2^24
+  const F y = V::select(small, V::sub(V::add(m, m), one), V::sub(m, one));
+  const F z = V::mul(y, y);
+  F p = V::set1f(7.0376836292e-2f);
+  p = V::sub(V::mul(p, y), V::set1f(1.1514610310e-1f));
+  p = V::add(V::mul(p, y), V::set1f(1.1676998740e-1f));
+  p = V::sub(V::mul(p, y), V::set1f(1.2420140846e-1f));
+  p = V::add(V::mul(p, y), V::set1f(1.4249322787e-1f));
+  p = V::sub(V::mul(p, y), V::set1f(1.6668057665e-1f));
+  p = V::add(V::mul(p, y), V::set1f(2.0000714765e-1f));
+  p = V::sub(V::mul(p, y), V::set1f(2.4999993993e-1f));
+  p = V::add(V::mul(p, y), V::set1f(3.3333331174e-1f));
+  F r = V::mul(V::mul(p, y), z);
+  r = V::add(r, V::mul(fe, V::set1f(-2.12194440e-4f)));
+  r = V::add(r, V::mul(V::set1f(-0.5f), z));
+  return V::add(V::add(y, r), V::mul(fe, V::set1f(0.693359375f)));
+}
+
+// noise_cos_2pi of noise.h, lane by lane. The sign flip of quadrants 1 and 2 is an xor of the sign
+// bit, which is what negation does.
+template <typename V>
+BNEXT_LANES typename V::F cos_2pi_lanes(typename V::F u) {
+  using F = typename V::F;
+  using I = typename V::I;
+  const F t = V::mul(V::set1f(4.0f), u);
+  const I q = V::trunc(t);
+  const F f = V::sub(t, V::to_float(q));
+  const typename V::M upper = V::gt(f, V::set1f(0.5f));
+  const F a = V::mul(V::select(upper, V::sub(V::set1f(1.0f), f), f), V::set1f(1.57079632679489662f));
+  const F z = V::mul(a, a);
+  F c = V::sub(V::mul(V::set1f(2.443315711809948e-5f), z), V::set1f(1.388731625493765e-3f));
+  c = V::add(V::mul(c, z), V::set1f(4.166664568298827e-2f));
+  c = V::add(V::sub(V::mul(V::mul(c, z), z), V::mul(V::set1f(0.5f), z)), V::set1f(1.0f));
+  F s = V::add(V::mul(V::set1f(-1.9515295891e-4f), z), V::set1f(8.3321608736e-3f));
+  s = V::sub(V::mul(s, z), V::set1f(1.6666654611e-1f));
+  s = V::add(V::mul(V::mul(s, z), a), a);
+  const F cos_phi = V::select(upper, s, c);
+  const F sin_phi = V::select(upper, c, s);
+  const F r = V::select(V::nonzero(V::band(q, V::set1(1u))), sin_phi, cos_phi);
+  const I flip = V::template sll<30>(V::band(V::add(q, V::set1(1u)), V::set1(2u)));  // q = 1, 2 -> sign bit
+  return V::as_float(V::bxor(V::as_int(r), flip));
+}
+
+BNEXT_LANES void V256::philox(I lo, I hi, uint32_t k0, uint32_t k1, I& r0, I& r1, I& r2) {
+  I c3 = set1(0u);
+  r0 = lo;
+  r1 = hi;
+  r2 = set1(0u);
+  philox_lanes<V256>(r0, r1, r2, c3, k0, k1);
+}
+
+// z (and v) for W elements whose counters are (lo, hi, 0, 0) per lane.
+template <typename V>
+BNEXT_LANES void normal_lanes(typename V::I lo, typename V::I hi, uint32_t key0, uint32_t key1, float* z,
+                                    float* v) {
+  using F = typename V::F;
+  typename V::I c0, c1, c2;
+  V::philox(lo, hi, key0, key1, c0, c1, c2);
+  const F two_24 = V::set1f(5.9604644775390625e-8f);
+  const F u0 = V::mul(V::to_float(V::add(V::template srl<8>(c0), V::set1(1u))), two_24);  // uniform_oc
+  const F u1 = V::mul(V::to_float(V::template srl<8>(c1)), two_24);                       // uniform_co
+  const F radius = V::sqrt(V::mul(V::set1f(-2.0f), log_lanes<V>(u0)));
+  V::store(z, V::mul(radius, cos_2pi_lanes<V>(u1)));
+  if (v) {
+    const F u2 = V::mul(V::to_float(V::template srl<8>(c2)), two_24);
+    V::store(v, V::sub(V::mul(V::set1f(2.0f), u2), V::set1f(1.0f)));
+  }
+}
+
+// The block loop: counters i0 + k * stride as (low word, high word) lane vectors. Within a vector the
+// high word is constant unless the low words wrap, which is checked; such vectors (at most one per
+// 2^32 elements) take the scalar path.
+template <typename V>
+BNEXT_LANES void normal_block_lanes(uint32_t key0, uint32_t key1, int64_t i0, int64_t stride, int64_t len,
+                                          float* z, float* v) {
+  constexpr int W = V::W;
+  uint32_t step[W];
+  for (int k = 0; k < W; ++k) step[k] = static_cast<uint32_t>(static_cast<uint64_t>(k) * static_cast<uint64_t>(stride));
+  const typename V::I lane_step = V::load(step);
+  int64_t k = 0;
+  for (; k + W <= len; k += W) {
+    const uint64_t first = static_cast<uint64_t>(i0 + k * stride);
+    const uint64_t last = static_cast<uint64_t>(i0 + (k + W - 1) * stride);
+    if ((first >> 32) != (last >> 32)) {
+      scalar_block(key0, key1, static_cast<int64_t>(first), stride, W, z + k, v ? v + k : nullptr);
+      continue;
+    }
+    const typename V::I lo = V::add(V::set1(static_cast<uint32_t>(first)), lane_step);
+    normal_lanes<V>(lo, V::set1(static_cast<uint32_t>(first >> 32)), key0, key1, z + k, v ? v + k : nullptr);
+  }
+  scalar_block(key0, key1, i0 + k * stride, stride, len - k, z + k, v ? v + k : nullptr);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"), flatten, noinline)) inline void normal_block_avx512(
+    uint32_t key0, uint32_t key1, int64_t i0, int64_t stride, int64_t len, float* z, float* v) {
+  normal_block_lanes<V512>(key0, key1, i0, stride, len, z, v);
+}
+
+__attribute__((target("avx2,fma"), flatten, noinline)) inline void normal_block_avx2(uint32_t key0, uint32_t key1, int64_t i0,
+                                                                            int64_t stride, int64_t len, float* z,
+                                                                            float* v) {
+  normal_block_lanes<V256>(key0, key1, i0, stride, len, z, v);
+}
+
+#undef BNEXT_TARGET_AVX512
+#undef BNEXT_TARGET_AVX2
+#undef BNEXT_LANES
+#pragma GCC diagnostic pop
+#endif  // BNEXT_ISA_X86_DISPATCH
+
+// z[k] (and v[k] when v is not null) of the elements with logical indices i0 + k * stride,
+// k in [0, len), on the widest instruction set allowed (isa::current()).
+inline void normal_block(const NoiseSpec& ns, int64_t i0, int64_t stride, int64_t len, float* z, float* v) {
+#ifdef BNEXT_ISA_X86_DISPATCH
+  switch (isa::current()) {
+    case isa::Isa::kAvx512: normal_block_avx512(ns.key0, ns.key1, i0, stride, len, z, v); return;
+    case isa::Isa::kAvx2: normal_block_avx2(ns.key0, ns.key1, i0, stride, len, z, v); return;
+    case isa::Isa::kBaseline: break;
+  }
+#endif
+  scalar_block(ns.key0, ns.key1, i0, stride, len, z, v);
+}
+
+}  // namespace noise_cpu
+}  // namespace bnext
