@@ -598,6 +598,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(
   check_channel_arg(bias, "bias", input);
   check_channel_arg(running_mean, "running_mean", input);
   check_channel_arg(running_var, "running_var", input);
+  check_eps("bnext.batch_norm", eps);
   Geometry g;
   const Tensor x = to_kernel_layout(input, &g);
   const auto acc = acc_dtype(input.scalar_type());
@@ -631,6 +632,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, bool training,
     double eps, bool relu) {
   check_input(input);
+  check_backward_args("bnext.batch_norm backward", grad_out, input, weight, bias, mean, var, "var", eps);
   TORCH_CHECK(grad_out.sizes() == input.sizes(), "bnext.batch_norm backward: grad_out shape ",
               grad_out.sizes(), " differs from input shape ", input.sizes());
   TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "bnext.batch_norm backward: grad_out dtype ",

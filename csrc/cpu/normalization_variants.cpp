@@ -372,6 +372,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lp_norm_forward_cpu(
   check_channel_arg(bias, "bias", input);
   check_channel_arg(running_mean, "running_mean", input);
   check_channel_arg(running_norm, "running_norm", input);
+  check_eps("bnext.lp_norm", eps);
   const LpKind kind = lp_kind(p);
   Geometry g;
   const Tensor x = to_kernel_layout(input, &g);
@@ -418,8 +419,8 @@ std::tuple<Tensor, Tensor, Tensor> lp_norm_backward_cpu(
   check_input(input);
   check_grad_out(grad_out, input, "lp_norm");
   const LpKind kind = lp_kind(p);
-  TORCH_CHECK(argmax.dim() == 1 && argmax.size(0) == input.size(1) && argmax.scalar_type() == at::kLong,
-              "bnext.lp_norm backward: argmax must be an int64 tensor with one value per channel");
+  check_backward_args("bnext.lp_norm backward", grad_out, input, weight, bias, mean, norm, "norm", eps);
+  check_lp_argmax(argmax, input, training && kind == LpKind::kLinf);
   Geometry g;
   const Tensor x = to_kernel_layout(input, &g);
   const Tensor dy = match_layout(grad_out, g);
