@@ -249,7 +249,7 @@ RAW_CASES = textwrap.dedent(r'''
       "noisy_bwd-var-shape": (lambda: ops.noisy_batch_norm_backward(g, x, w, b, m, torch.ones(4), 1e-5, seed, PAPER, 3), r"\bvar\b"),
       "noisy_bwd-weight-shape": (lambda: ops.noisy_batch_norm_backward(g, x, torch.ones(2), b, m, v, 1e-5, seed, PAPER, 3), r"\bweight\b"),
       "noisy_bwd-grad_out-shape": (lambda: ops.noisy_batch_norm_backward(g[:2], x, w, b, m, v, 1e-5, seed, PAPER, 3), r"\bgrad_out\b"),
-      "noisy_bwd-seed-device": (lambda: ops.noisy_batch_norm_backward(g, x, w, b, m, v, 1e-5, torch.tensor(5, device=M), PAPER, 3), r"\bseed\b"),
+      "noisy_bwd-seed-dtype": (lambda: ops.noisy_batch_norm_backward(g, x, w, b, m, v, 1e-5, torch.tensor(5, dtype=torch.int32), PAPER, 3), r"\bseed\b"),
       "noisy_bwd-noise_channels": (lambda: ops.noisy_batch_norm_backward(g, x, w, b, m, v, 1e-5, seed, PAPER, 4), r"\bnoise_channels\b"),
       # lp_norm
       "lp_fwd-p-3": (lambda: ops.lp_norm_forward(x, 3.0, w, b, None, None, True, 1e-5), r"\bp\b"),

@@ -75,21 +75,21 @@ LpPartial lp_run_stats(const scalar_t* x, int64_t len, int64_t pos0) {
           const acc_t v = static_cast<acc_t>(xs[i + j]);
           sum[j] += v;
           const acc_t a = std::abs(v);
-          mx[j] = a > mx[j] ? a : mx[j];
+          mx[j] = maxabs_beats(a, mx[j]) ? a : mx[j];
         }
       }
       for (int64_t j = 0; i + j < n; ++j) {
         const acc_t v = static_cast<acc_t>(xs[i + j]);
         sum[j] += v;
-        mx[j] = std::abs(v) > mx[j] ? std::abs(v) : mx[j];
+        mx[j] = maxabs_beats(std::abs(v), mx[j]) ? std::abs(v) : mx[j];
       }
       acc_t best = acc_t(-1);
-      for (int64_t j = 0; j < kLanes; ++j) best = mx[j] > best ? mx[j] : best;
+      for (int64_t j = 0; j < kLanes; ++j) best = maxabs_beats(mx[j], best) ? mx[j] : best;
       // The first element of the segment attaining the maximum (a short scan, in cache).
       MaxAbs<double> m = maxabs_init<double>();
-      if (best >= acc_t(0)) {
+      if (!(best < acc_t(0))) {
         for (int64_t k = 0; k < n; ++k) {
-          if (std::abs(static_cast<acc_t>(xs[k])) == best) {
+          if (maxabs_same(std::abs(static_cast<acc_t>(xs[k])), best)) {
             m = MaxAbs<double>{static_cast<double>(best), pos0 + s0 + k};
             break;
           }
@@ -122,7 +122,7 @@ LpPartial lp_run_stats(const scalar_t* x, int64_t len, int64_t pos0) {
 
 // Rows [r0, r1) of an interleaved (M, C) array, per channel.
 template <typename scalar_t, typename acc_t, LpKind P>
-void lp_rows_stats(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, acc_t* sum, acc_t* pw, acc_t* mx,
+void lp_rows_stats(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, double* sum, double* pw, acc_t* mx,
                    int64_t* arg, LpPartial* out) {
   for (int64_t c = 0; c < C; ++c) sum[c] = 0, pw[c] = 0, mx[c] = acc_t(-1), arg[c] = -1;
   for (int64_t r = r0; r < r1; ++r) {
@@ -133,7 +133,7 @@ void lp_rows_stats(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, acc_t* 
         const acc_t v = static_cast<acc_t>(row[c]);
         sum[c] += v;
         const acc_t a = std::abs(v);
-        const bool better = a > mx[c];  // strict: rows arrive in increasing position
+        const bool better = maxabs_beats(a, mx[c]);  // strict: rows arrive in increasing position
         mx[c] = better ? a : mx[c];
         arg[c] = better ? r : arg[c];
       }
@@ -172,7 +172,8 @@ std::vector<LpPartial> lp_stats(const scalar_t* x, const Geometry& g) {
   const int64_t nchunks = (M + rpc - 1) / rpc;
   std::vector<LpPartial> partial(nchunks * C);
   isa::parallel_for(0, nchunks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> sum(C), pw(C), mx(C);
+    std::vector<double> sum(C), pw(C);  // double: fp32 sums of up to kSegment rows lose the mean at |mean| >> std
+    std::vector<acc_t> mx(C);
     std::vector<int64_t> arg(C);
     for (int64_t b = b0; b < b1; ++b) {
       lp_rows_stats<scalar_t, acc_t, P>(x, C, b * rpc, std::min(M, (b + 1) * rpc), sum.data(), pw.data(), mx.data(),
