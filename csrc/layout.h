@@ -94,7 +94,7 @@ inline void check_input(const at::Tensor& input) {
 
 // eps of a raw op call (the Python API checks it too): a finite number >= 0.
 inline void check_eps(const char* op, double eps) {
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be a finite number >= 0, got ", eps);
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be a finite number >= 0, got ", eps);
 }
 
 // The arguments of a backward op besides `input` (checked by check_input): grad_out shaped like the
@@ -105,12 +105,12 @@ inline void check_backward_args(const char* op, const at::Tensor& grad_out, cons
                                 const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                                 const at::Tensor& mean, const at::Tensor& second, const char* second_name,
                                 double eps) {
-  TORCH_CHECK_VALUE(grad_out.sizes() == input.sizes(), op, ": grad_out shape ", grad_out.sizes(),
-                    " differs from input shape ", input.sizes());
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == input.scalar_type(), op, ": grad_out dtype ", grad_out.scalar_type(),
-                   " differs from input dtype ", input.scalar_type());
-  TORCH_CHECK_VALUE(grad_out.device() == input.device(), op, ": grad_out is on ", grad_out.device(),
-                    " but input is on ", input.device());
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), op, ": grad_out shape ", grad_out.sizes(),
+              " differs from input shape ", input.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), op, ": grad_out dtype ", grad_out.scalar_type(),
+              " differs from input dtype ", input.scalar_type());
+  TORCH_CHECK(grad_out.device() == input.device(), op, ": grad_out is on ", grad_out.device(),
+              " but input is on ", input.device());
   TORCH_CHECK(mean.defined() && second.defined(), op, ": mean and ", second_name, " must be defined tensors");
   check_channel_arg(mean, "mean", input);
   check_channel_arg(second, second_name, input);
@@ -122,19 +122,19 @@ inline void check_backward_args(const char* op, const at::Tensor& grad_out, cons
 // lp_norm backward, p = inf in training: the saved arg-max positions index into each channel's
 // N * S values (-1: none), an int64 vector on the input's device. Reads C values (host tensors only).
 inline void check_lp_argmax(const at::Tensor& argmax, const at::Tensor& input, bool check_values) {
-  TORCH_CHECK_VALUE(argmax.dim() == 1 && argmax.size(0) == input.size(1), "bnext.lp_norm backward: argmax must ",
-                    "have one value per channel (", input.size(1), "), got shape ", argmax.sizes());
-  TORCH_CHECK_TYPE(argmax.scalar_type() == at::kLong, "bnext.lp_norm backward: argmax must be int64, got ",
-                   argmax.scalar_type());
-  TORCH_CHECK_VALUE(argmax.device() == input.device(), "bnext.lp_norm backward: argmax is on ", argmax.device(),
-                    " but input is on ", input.device());
+  TORCH_CHECK(argmax.dim() == 1 && argmax.size(0) == input.size(1), "bnext.lp_norm backward: argmax must be an int64 tensor ",
+              "with one value per channel (", input.size(1), "), got shape ", argmax.sizes());
+  TORCH_CHECK(argmax.scalar_type() == at::kLong, "bnext.lp_norm backward: argmax must be int64, got ",
+              argmax.scalar_type());
+  TORCH_CHECK(argmax.device() == input.device(), "bnext.lp_norm backward: argmax is on ", argmax.device(),
+              " but input is on ", input.device());
   if (!check_values || argmax.numel() == 0 || !argmax.device().is_cpu()) return;
   const int64_t rows = input.size(1) > 0 ? input.numel() / input.size(1) : 0;
   const at::Tensor a = argmax.contiguous();
   const int64_t* p = a.const_data_ptr<int64_t>();
   for (int64_t c = 0; c < a.numel(); ++c) {
-    TORCH_CHECK_VALUE(p[c] >= -1 && p[c] < rows, "bnext.lp_norm backward: argmax[", c, "] = ", p[c],
-                      " is not a position in the channel's ", rows, " values (or -1)");
+    TORCH_CHECK(p[c] >= -1 && p[c] < rows, "bnext.lp_norm backward: argmax[", c, "] = ", p[c],
+                " is not a position in the channel's ", rows, " values (or -1)");
   }
 }
 

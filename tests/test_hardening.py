@@ -57,6 +57,8 @@ OPS = ["batch_norm", "batch_norm_eval", "noisy_batch_norm", "lp_norm_1", "lp_nor
        "grad_stats", "multi_axpy"]
 
 
+@pytest.mark.skipif(os.environ.get("BNEXT_SANITIZE") == "1",
+                    reason="AddressSanitizer's quarantine keeps freed memory resident")
 @pytest.mark.parametrize("op", OPS)
 def test_resident_memory_stays_flat(op):
     """Each call allocates ~4 input-sized tensors (36-73 KiB); a leak of any of them over 250 calls
@@ -170,3 +172,50 @@ def test_regression_raw_ops_validate_eps():
             ops.batch_norm_forward(x, None, None, None, None, True, eps, False)
         with pytest.raises((ValueError, RuntimeError), match=r"\beps\b"):
             ops.lp_norm_forward(x, 2.0, None, None, None, None, True, eps)
+
+
+def test_regression_fused_relu_propagates_nan_like_torch():
+    """Found by test_numerics.py: the fused ReLU mapped NaN to 0 (forward: !(y > 0) -> 0) and blocked
+    the gradient at NaN outputs, where torch.relu keeps NaN and threshold_backward passes dy."""
+    x = torch.tensor([[1.0, 2.0], [math.nan, -1.0], [0.5, 3.0]]).requires_grad_()
+    rm, rv = torch.zeros(2), torch.ones(2)
+    y = bnext.batch_norm(x, rm, rv, training=False, eps=0.0, activation="relu")
+    assert torch.isnan(y[1, 0]) and y[1, 1] == 0 and torch.equal(y[0], x[0].detach())
+    (dx,) = torch.autograd.grad(y, x, torch.full_like(x, 2.0))
+    assert torch.equal(dx, torch.tensor([[2.0, 2.0], [2.0, 0.0], [2.0, 2.0]]))  # dy passes at the NaN
+
+
+@pytest.mark.parametrize("lay", ["contiguous", "channels_last"])
+def test_regression_lp_inf_norm_of_a_channel_with_nan_is_nan(lay):
+    """Found by test_numerics.py: max |x| skipped NaN (a > max is false), so N_inf and running_norm
+    stayed finite, unlike torch.amax; an all-NaN channel even got N_inf = -1."""
+    x = torch.randn(4, 3, 5, 5)
+    x[1, 0, 2, 2] = math.nan
+    x[:, 2] = math.nan
+    if lay == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    _, mean, norm, argmax = ops.lp_norm_forward(x, math.inf, None, None, None, None, True, 1e-5)
+    assert torch.isnan(norm[0]) and torch.isfinite(norm[1]) and torch.isnan(norm[2])
+    assert argmax[0] == 1 * 25 + 2 * 5 + 2 and argmax[2] == 0  # the first NaN, as torch.argmax
+    rm, rn = torch.zeros(3), torch.ones(3)
+    bnext.lp_norm(x, math.inf, rm, rn, training=True)
+    assert torch.equal(torch.isnan(rn), torch.tensor([True, False, True]))
+
+
+def test_regression_lp_stats_channels_last_large_mean_fp32():
+    """Found by test_numerics.py: the channels-last l_p statistics summed up to 2048 rows in fp32
+    before merging in fp64, losing ~3e-3 std of the mean at |mean| = 1e4 std (planar: exact)."""
+    x = (torch.randn(16, 3, 32, 32, dtype=torch.float64) + 1e4).float().contiguous(memory_format=torch.channels_last)
+    for p in (1.0, 2.0):
+        _, mean, norm, _ = ops.lp_norm_forward(x, p, None, None, None, None, True, 1e-5)
+        torch.testing.assert_close(mean.double(), x.double().mean([0, 2, 3]), rtol=0, atol=1e-3)
+
+
+def test_regression_line_probe_rejects_bad_etas_by_name():
+    """Found by test_bad_input.py: line_probe(etas=None / ["a"]) raised float()'s message without the
+    argument's name, and NaN step sizes were accepted."""
+    model = torch.nn.Linear(2, 1)
+    loss = lambda m, b: m(b).pow(2).mean()  # noqa: E731
+    for etas in (None, ["a"], [0.1, math.nan]):
+        with pytest.raises((TypeError, ValueError), match=r"\betas\b"):
+            bnext.landscape.line_probe(model, loss, torch.randn(4, 2), etas)

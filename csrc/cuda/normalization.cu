@@ -605,6 +605,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cuda(
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
     bool training, double eps, bool relu) {
   check_input(input);
+  check_eps("bnext.batch_norm", eps);
   check_channel_arg(weight, "weight", input);
   check_channel_arg(bias, "bias", input);
   check_channel_arg(running_mean, "running_mean", input);
@@ -643,6 +644,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, bool training,
     double eps, bool relu) {
   check_input(input);
+  check_eps("bnext.batch_norm backward", eps);
   TORCH_CHECK(grad_out.sizes() == input.sizes(), "bnext.batch_norm backward: grad_out shape ",
               grad_out.sizes(), " differs from input shape ", input.sizes());
   TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "bnext.batch_norm backward: grad_out dtype ",
@@ -1062,6 +1064,7 @@ std::tuple<Tensor, Tensor, Tensor> noisy_batch_norm_forward_cuda(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps,
     const Tensor& seed, at::ArrayRef<double> noise, int64_t noise_channels) {
   check_cuda_input(input, "noisy_batch_norm");
+  check_eps("bnext.noisy_batch_norm", eps);
   check_channel_arg(weight, "weight", input);
   check_channel_arg(bias, "bias", input);
   const NoiseSpec ns = noise_spec(seed, noise, noise_channels, input);
@@ -1086,6 +1089,7 @@ std::tuple<Tensor, Tensor, Tensor> noisy_batch_norm_backward_cuda(
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, double eps, const Tensor& seed,
     at::ArrayRef<double> noise, int64_t noise_channels) {
   check_cuda_input(input, "noisy_batch_norm");
+  check_eps("bnext.noisy_batch_norm backward", eps);
   TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type(),
               "bnext.noisy_batch_norm backward: grad_out (", grad_out.sizes(), ", ", grad_out.scalar_type(),
               ") must match input (", input.sizes(), ", ", input.scalar_type(), ")");
@@ -1117,6 +1121,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lp_norm_forward_cuda(
     const Tensor& input, double p, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_norm, bool training, double eps) {
   check_cuda_input(input, "lp_norm");
+  check_eps("bnext.lp_norm", eps);
   check_channel_arg(weight, "weight", input);
   check_channel_arg(bias, "bias", input);
   check_channel_arg(running_mean, "running_mean", input);
@@ -1154,6 +1159,7 @@ std::tuple<Tensor, Tensor, Tensor> lp_norm_backward_cuda(
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& norm, const Tensor& argmax, bool training,
     double eps) {
   check_cuda_input(input, "lp_norm");
+  check_eps("bnext.lp_norm backward", eps);
   TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type(),
               "bnext.lp_norm backward: grad_out (", grad_out.sizes(), ", ", grad_out.scalar_type(),
               ") must match input (", input.sizes(), ", ", input.scalar_type(), ")");
