@@ -714,8 +714,13 @@ def line_probe(model: nn.Module, loss_fn: LossFn, batch, etas: Sequence[float], 
     if mode not in ("auto", "batched", "sequential"):
         raise ValueError(f"{op}: mode must be 'auto', 'batched' or 'sequential', got {mode!r}")
     if isinstance(etas, Tensor):
-        etas = etas.tolist()
-    etas = [float(e) for e in etas]
+        etas = etas.reshape(-1).tolist() if etas.dim() <= 1 else etas
+    try:
+        etas = [float(e) for e in etas]
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{op}: etas must be a sequence of numbers or a 1-D tensor, got {etas!r}") from None
+    if not all(math.isfinite(e) for e in etas):
+        raise ValueError(f"{op}: etas must be finite numbers, got {etas}")
     if not etas:
         raise ValueError(f"{op}: etas must hold at least one step size")
     st = _Model(op, model, loss_fn, batch)

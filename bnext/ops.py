@@ -88,7 +88,7 @@ def batch_norm_backward_reference(grad_out, input, weight, bias, mean, var, trai
         y = xhat * w if w is not None else xhat
         if bias is not None:
             y = y + _channel_view(bias.to(input.dtype), input)
-        g = grad_out * (y > 0).to(grad_out.dtype)
+        g = grad_out * (~(y <= 0)).to(grad_out.dtype)  # torch's threshold_backward: NaN y passes dy
     grad_bias = g.sum(dims)
     grad_weight = (g * xhat).sum(dims)
     scale = invstd * w if w is not None else invstd

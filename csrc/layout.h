@@ -1,4 +1,5 @@
 #pragma once
+#include <string>
 // Host-side preparation shared by the CPU and CUDA launchers (uses ATen, runs on the host only).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -94,6 +95,30 @@ inline void check_input(const at::Tensor& input) {
               input.scalar_type());
 }
 
+// eps of a raw op call (the Python API checks it too): a finite number >= 0.
+inline void check_eps(const char* op, double eps) {
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be a finite number >= 0, got ", eps);
+}
+
+// lp_norm backward, p = inf in training: the saved arg-max positions index into each channel's
+// N * S values (-1: none), an int64 vector on the input's device. Reads C values (host tensors only).
+inline void check_lp_argmax(const at::Tensor& argmax, const at::Tensor& input, bool check_values) {
+  TORCH_CHECK(argmax.dim() == 1 && argmax.size(0) == input.size(1), "bnext.lp_norm backward: argmax must be an int64 tensor ",
+              "with one value per channel (", input.size(1), "), got shape ", argmax.sizes());
+  TORCH_CHECK(argmax.scalar_type() == at::kLong, "bnext.lp_norm backward: argmax must be int64, got ",
+              argmax.scalar_type());
+  TORCH_CHECK(argmax.device() == input.device(), "bnext.lp_norm backward: argmax is on ", argmax.device(),
+              " but input is on ", input.device());
+  if (!check_values || argmax.numel() == 0 || !argmax.device().is_cpu()) return;
+  const int64_t rows = input.size(1) > 0 ? input.numel() / input.size(1) : 0;
+  const at::Tensor a = argmax.contiguous();
+  const int64_t* p = a.const_data_ptr<int64_t>();
+  for (int64_t c = 0; c < a.numel(); ++c) {
+    TORCH_CHECK(p[c] >= -1 && p[c] < rows, "bnext.lp_norm backward: argmax[", c, "] = ", p[c],
+                " is not a position in the channel's ", rows, " values (or -1)");
+  }
+}
+
 // noisy_batch_norm: the Philox key and noise constants of one call (checks shared by CPU and CUDA).
 inline NoiseSpec noise_spec(const at::Tensor& seed, at::ArrayRef<double> noise, int64_t noise_channels,
                             const at::Tensor& input) {
@@ -148,6 +173,24 @@ inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& input, 
               grad_out.scalar_type(), " differs from input dtype ", input.scalar_type());
   TORCH_CHECK(grad_out.device() == input.device(), "bnext.", op, " backward: grad_out is on ", grad_out.device(),
               " but input is on ", input.device());
+}
+
+// The arguments of every backward op (`op`: "batch_norm", "noisy_batch_norm", "lp_norm") besides `input`
+// (check_input): grad_out like the input; the per-channel statistics (`mean` and the second one, named
+// var or norm) and the affine parameters one value per channel on the input's device; eps. Without
+// these a raw call with a short mean/var read past their end (CPU) or on the device (CUDA).
+inline void check_backward_args(const char* op, const at::Tensor& grad_out, const at::Tensor& input,
+                                const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                const at::Tensor& mean, const at::Tensor& second, const char* second_name,
+                                double eps) {
+  check_grad_out(grad_out, input, op);
+  TORCH_CHECK(mean.defined() && second.defined(), "bnext.", op, " backward: mean and ", second_name,
+              " must be defined tensors");
+  check_channel_arg(mean, "mean", input);
+  check_channel_arg(second, second_name, input);
+  check_channel_arg(weight, "weight", input);
+  check_channel_arg(bias, "bias", input);
+  check_eps((std::string("bnext.") + op + " backward").c_str(), eps);
 }
 
 // What every backward op returns: dx dense in the layout chosen for the input, and the per-channel

@@ -27,16 +27,17 @@ struct ChannelAffine {
 template <typename acc_t>
 BNEXT_HD acc_t bn_forward_value(acc_t x, const ChannelAffine<acc_t>& a, bool relu) {
   const acc_t y = (x - a.mean) * a.scale + a.shift;
-  return (relu && !(y > acc_t(0))) ? acc_t(0) : y;
+  return (relu && y <= acc_t(0)) ? acc_t(0) : y;  // NaN stays NaN, as torch.relu
 }
 
 // Gradient reaching the normalization output: dy masked by the fused ReLU (recomputed from x,
-// so the forward output never has to be kept). Matches torch's threshold_backward: 0 where y <= 0.
+// so the forward output never has to be kept). Matches torch's threshold_backward: 0 where y <= 0
+// (and dy where y is NaN).
 template <typename acc_t>
 BNEXT_HD acc_t bn_masked_grad(acc_t dy, acc_t x, const ChannelAffine<acc_t>& a, bool relu) {
   if (!relu) return dy;
   const acc_t y = (x - a.mean) * a.scale + a.shift;
-  return y > acc_t(0) ? dy : acc_t(0);
+  return y <= acc_t(0) ? acc_t(0) : dy;
 }
 
 // Coefficients of the training-mode input gradient, per channel:

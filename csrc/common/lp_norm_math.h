@@ -44,6 +44,19 @@ struct MaxAbs {
   int64_t index;  // -1 while empty
 };
 
+// |x| = a replaces the running maximum m: larger, or NaN over a number. NaN is the maximum, as in
+// torch.amax (which propagates it) and torch.argmax (the first NaN): N_inf of a channel holding a
+// NaN is NaN, like its mean and N_1, N_2.
+template <typename acc_t>
+BNEXT_HD bool maxabs_beats(acc_t a, acc_t m) {
+  return a > m || (a != a && m == m);
+}
+
+template <typename acc_t>
+BNEXT_HD bool maxabs_same(acc_t a, acc_t m) {
+  return a == m || (a != a && m != m);
+}
+
 template <typename acc_t>
 BNEXT_HD MaxAbs<acc_t> maxabs_init() {
   return MaxAbs<acc_t>{acc_t(-1), -1};
@@ -52,7 +65,7 @@ BNEXT_HD MaxAbs<acc_t> maxabs_init() {
 template <typename acc_t>
 BNEXT_HD void maxabs_update(MaxAbs<acc_t>& s, acc_t x, int64_t index) {
   const acc_t a = x < acc_t(0) ? -x : x;
-  if (a > s.max) {  // strict: the first index of a tie is kept (indices arrive in increasing order)
+  if (maxabs_beats(a, s.max)) {  // strict: the first index of a tie is kept (indices arrive in increasing order)
     s.max = a;
     s.index = index;
   }
@@ -62,7 +75,7 @@ template <typename acc_t>
 BNEXT_HD MaxAbs<acc_t> maxabs_merge(const MaxAbs<acc_t>& a, const MaxAbs<acc_t>& b) {
   if (b.index < 0) return a;
   if (a.index < 0) return b;
-  if (b.max > a.max || (b.max == a.max && b.index < a.index)) return b;
+  if (maxabs_beats(b.max, a.max) || (maxabs_same(b.max, a.max) && b.index < a.index)) return b;
   return a;
 }
 

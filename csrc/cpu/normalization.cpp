@@ -348,6 +348,7 @@ void lp_segment_stats(const scalar_t* x, int64_t len, int64_t pos0, LpPartial& o
     out.pow += static_cast<double>(lane_sum<acc_t>(len, [&](int64_t i) { return lp_power(to_acc<acc_t>(x[i]), P); }));
     return;
   }
+  // maxabs_beats: NaN counts as the maximum (as torch.amax/argmax), so a channel holding one gets N_inf = NaN.
   acc_t mx[kLanes];
   for (int64_t j = 0; j < kLanes; ++j) mx[j] = acc_t(-1);
   int64_t i = 0;
@@ -355,15 +356,18 @@ void lp_segment_stats(const scalar_t* x, int64_t len, int64_t pos0, LpPartial& o
 #pragma omp simd
     for (int64_t j = 0; j < kLanes; ++j) {
       const acc_t a = std::abs(to_acc<acc_t>(x[i + j]));
-      mx[j] = a > mx[j] ? a : mx[j];
+      mx[j] = maxabs_beats(a, mx[j]) ? a : mx[j];
     }
   }
-  for (int64_t j = 0; i + j < len; ++j) mx[j] = std::max(mx[j], std::abs(to_acc<acc_t>(x[i + j])));
+  for (int64_t j = 0; i + j < len; ++j) {
+    const acc_t a = std::abs(to_acc<acc_t>(x[i + j]));
+    mx[j] = maxabs_beats(a, mx[j]) ? a : mx[j];
+  }
   acc_t best = acc_t(-1);
-  for (int64_t j = 0; j < kLanes; ++j) best = mx[j] > best ? mx[j] : best;
+  for (int64_t j = 0; j < kLanes; ++j) best = maxabs_beats(mx[j], best) ? mx[j] : best;
   // The first element attaining the maximum: a short scan of the cached segment.
-  for (int64_t k = 0; k < len && best >= acc_t(0); ++k) {
-    if (std::abs(to_acc<acc_t>(x[k])) == best) {
+  for (int64_t k = 0; k < len && !(best < acc_t(0)); ++k) {
+    if (maxabs_same(std::abs(to_acc<acc_t>(x[k])), best)) {
       out.max = maxabs_merge(out.max, MaxAbs<double>{static_cast<double>(best), pos0 + k});
       break;
     }
@@ -389,7 +393,7 @@ std::vector<LpPartial> lp_planar_stats(const scalar_t* x, const Geometry& g) {
 
 // Rows [r0, r1) of an interleaved (M, C) array, per channel (r1 - r0 <= kSegment).
 template <typename scalar_t, typename acc_t, LpKind P>
-void lp_chunk_stats(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, acc_t* sum, acc_t* pw, acc_t* mx,
+void lp_chunk_stats(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, double* sum, double* pw, acc_t* mx,
                     int64_t* arg, LpPartial* out) {
   for (int64_t c = 0; c < C; ++c) sum[c] = 0, pw[c] = 0, mx[c] = acc_t(-1), arg[c] = -1;
   for (int64_t r = r0; r < r1; ++r) {
@@ -400,7 +404,7 @@ void lp_chunk_stats(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, acc_t*
         const acc_t v = to_acc<acc_t>(row[c]);
         sum[c] += v;
         const acc_t a = std::abs(v);
-        const bool better = a > mx[c];  // strict: rows arrive in increasing position
+        const bool better = maxabs_beats(a, mx[c]);  // strict: rows arrive in increasing position
         mx[c] = better ? a : mx[c];
         arg[c] = better ? r : arg[c];
       }
@@ -426,7 +430,9 @@ std::vector<LpPartial> lp_interleaved_stats(const scalar_t* x, const Geometry& g
   const int64_t nchunks = (M + rpc - 1) / rpc;
   std::vector<LpPartial> partial(nchunks * C);
   parallel_for(0, nchunks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> sum(C), pw(C), mx(C);
+    // fp64 sums: fp32 sums over up to kSegment rows lose the mean at |mean| >> std.
+    std::vector<double> sum(C), pw(C);
+    std::vector<acc_t> mx(C);
     std::vector<int64_t> arg(C);
     for (int64_t b = b0; b < b1; ++b) {
       lp_chunk_stats<scalar_t, acc_t, P>(x, C, b * rpc, std::min(M, (b + 1) * rpc), sum.data(), pw.data(), mx.data(),
@@ -988,6 +994,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(
   check_channel_arg(bias, "bias", input);
   check_channel_arg(running_mean, "running_mean", input);
   check_channel_arg(running_var, "running_var", input);
+  check_eps("bnext.batch_norm", eps);
   Geometry g;
   const Tensor x = to_kernel_layout(input, &g);
   const auto acc = acc_dtype(input.scalar_type());
@@ -1012,7 +1019,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, bool training,
     double eps, bool relu) {
   check_input(input);
-  check_grad_out(grad_out, input, "batch_norm");
+  check_backward_args("batch_norm", grad_out, input, weight, bias, mean, var, "var", eps);
   Geometry g;
   const Tensor x = to_kernel_layout(input, &g);
   const Tensor dy = match_layout(grad_out, g);
@@ -1040,6 +1047,7 @@ std::tuple<Tensor, Tensor, Tensor> noisy_batch_norm_forward_cpu(
   check_input(input);
   check_channel_arg(weight, "weight", input);
   check_channel_arg(bias, "bias", input);
+  check_eps("bnext.noisy_batch_norm", eps);
   const NoiseSpec ns = noise_spec(seed, noise, noise_channels, input);
   Geometry g;
   const Tensor x = to_kernel_layout(input, &g);
@@ -1068,7 +1076,7 @@ std::tuple<Tensor, Tensor, Tensor> noisy_batch_norm_backward_cpu(
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, double eps, const Tensor& seed,
     at::ArrayRef<double> noise, int64_t noise_channels) {
   check_input(input);
-  check_grad_out(grad_out, input, "noisy_batch_norm");
+  check_backward_args("noisy_batch_norm", grad_out, input, weight, bias, mean, var, "var", eps);
   const NoiseSpec ns = noise_spec(seed, noise, noise_channels, input);
   Geometry g;
   const Tensor x = to_kernel_layout(input, &g);
@@ -1103,6 +1111,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lp_norm_forward_cpu(
   check_channel_arg(bias, "bias", input);
   check_channel_arg(running_mean, "running_mean", input);
   check_channel_arg(running_norm, "running_norm", input);
+  check_eps("bnext.lp_norm", eps);
   const LpKind kind = lp_kind(p);
   Geometry g;
   const Tensor x = to_kernel_layout(input, &g);
@@ -1145,10 +1154,9 @@ std::tuple<Tensor, Tensor, Tensor> lp_norm_backward_cpu(
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& norm, const Tensor& argmax, bool training,
     double eps) {
   check_input(input);
-  check_grad_out(grad_out, input, "lp_norm");
+  check_backward_args("lp_norm", grad_out, input, weight, bias, mean, norm, "norm", eps);
   const LpKind kind = lp_kind(p);
-  TORCH_CHECK(argmax.dim() == 1 && argmax.size(0) == input.size(1) && argmax.scalar_type() == at::kLong,
-              "bnext.lp_norm backward: argmax must be an int64 tensor with one value per channel");
+  check_lp_argmax(argmax, input, training && kind == LpKind::kLinf);
   Geometry g;
   const Tensor x = to_kernel_layout(input, &g);
   const Tensor dy = match_layout(grad_out, g);

@@ -596,18 +596,6 @@ void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& 
               input.device());
 }
 
-// The arguments of every backward op: grad_out like the input, and the per-channel tensors the
-// kernels read on the device (checked here: the CPU path would only read out of bounds by luck).
-void check_cuda_backward_args(const at::Tensor& grad_out, const at::Tensor& input,
-                              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                              const at::Tensor& mean, const at::Tensor& second, const char* second_name,
-                              const char* op) {
-  check_grad_out(grad_out, input, op);
-  check_channel_arg(mean, "mean", input);
-  check_channel_arg(second, second_name, input);
-  check_channel_arg(weight, "weight", input);
-  check_channel_arg(bias, "bias", input);
-}
 
 }  // namespace
 
@@ -616,6 +604,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cuda(
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
     bool training, double eps, bool relu) {
   check_cuda_input(input, "batch_norm");
+  check_eps("bnext.batch_norm", eps);
   check_channel_arg(weight, "weight", input);
   check_channel_arg(bias, "bias", input);
   check_channel_arg(running_mean, "running_mean", input);
@@ -647,7 +636,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, bool training,
     double eps, bool relu) {
   check_cuda_input(input, "batch_norm");
-  check_cuda_backward_args(grad_out, input, weight, bias, mean, var, "var", "batch_norm");
+  check_backward_args("batch_norm", grad_out, input, weight, bias, mean, var, "var", eps);
   const c10::cuda::CUDAGuard guard(input.device());
   Geometry g;
   const Tensor x = to_kernel_layout(input, &g);
@@ -1041,6 +1030,7 @@ std::tuple<Tensor, Tensor, Tensor> noisy_batch_norm_forward_cuda(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps,
     const Tensor& seed, at::ArrayRef<double> noise, int64_t noise_channels) {
   check_cuda_input(input, "noisy_batch_norm");
+  check_eps("bnext.noisy_batch_norm", eps);
   check_channel_arg(weight, "weight", input);
   check_channel_arg(bias, "bias", input);
   const NoiseSpec ns = noise_spec(seed, noise, noise_channels, input);
@@ -1065,7 +1055,7 @@ std::tuple<Tensor, Tensor, Tensor> noisy_batch_norm_backward_cuda(
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, double eps, const Tensor& seed,
     at::ArrayRef<double> noise, int64_t noise_channels) {
   check_cuda_input(input, "noisy_batch_norm");
-  check_cuda_backward_args(grad_out, input, weight, bias, mean, var, "var", "noisy_batch_norm");
+  check_backward_args("noisy_batch_norm", grad_out, input, weight, bias, mean, var, "var", eps);
   const NoiseSpec ns = noise_spec(seed, noise, noise_channels, input);
   const c10::cuda::CUDAGuard guard(input.device());
   Geometry g;
@@ -1087,6 +1077,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lp_norm_forward_cuda(
     const Tensor& input, double p, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_norm, bool training, double eps) {
   check_cuda_input(input, "lp_norm");
+  check_eps("bnext.lp_norm", eps);
   check_channel_arg(weight, "weight", input);
   check_channel_arg(bias, "bias", input);
   check_channel_arg(running_mean, "running_mean", input);
@@ -1117,11 +1108,11 @@ std::tuple<Tensor, Tensor, Tensor> lp_norm_backward_cuda(
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& norm, const Tensor& argmax, bool training,
     double eps) {
   check_cuda_input(input, "lp_norm");
-  check_cuda_backward_args(grad_out, input, weight, bias, mean, norm, "norm", "lp_norm");
-  TORCH_CHECK(argmax.dim() == 1 && argmax.size(0) == input.size(1) && argmax.scalar_type() == at::kLong,
-              "bnext.lp_norm backward: argmax must be an int64 tensor with one value per channel");
-  check_same_device(argmax, "argmax", input);
+  check_backward_args("lp_norm", grad_out, input, weight, bias, mean, norm, "norm", eps);
   const LpKind kind = lp_kind(p);
+  // Shape, dtype and device only: range-checking the positions would need a device sync (a bad raw
+  // call can still index out of bounds here; the Python API only passes what the forward returned).
+  check_lp_argmax(argmax, input, /*check_values=*/false);
   const c10::cuda::CUDAGuard guard(input.device());
   Geometry g;
   const Tensor x = to_kernel_layout(input, &g);
