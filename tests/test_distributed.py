@@ -475,16 +475,19 @@ def test_vgg_data_parallel_matches_one_process(tmp_path):
     Exactness in float64 is case_ddp_step's job.
     Measured at steps 0 and 2: in --data-parallel mode the landscape measurements, Theorem 4.1 and the
     histograms are taken on the global batch (rank 0) and equal the single-process ones at step 0, and
-    so do the per-step activation statistics (all-reduced). Measuring on both sides: an extra forward
-    that moved the running statistics would show in the test losses."""
+    so do the per-step activation statistics (all-reduced); a third, unmeasured --data-parallel run
+    (bn, noisy BN) has the same trajectory bit for bit (losses, activation statistics, final weights
+    and running statistics on both ranks)."""
     import subprocess
     import sys
     tiny = ["--dataset", "synthetic", "--no-download", "--width", "0.0625", "--batch-size", "15",
             "--train-size", "128", "--test-size", "40", "--steps", "3", "--eval-every", "2", "--measure-every", "2",
             "--checkpoint-every", "2", "--lrs", "0.1", "--ics-norms", "bn", "--ics-lrs", "0.1",
-            "--norms", "bn,noisy_bn,linf", "--no-progress", "--threads", "1"]
+            "--norms", "bn,noisy_bn,linf", "--no-progress", "--threads", "1", "--save-weights"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    for name, extra in (("dp", ["--procs", "2", "--data-parallel"]), ("single", ["--procs", "1"])):
+    for name, extra in (("dp", ["--procs", "2", "--data-parallel"]), ("single", ["--procs", "1"]),
+                        ("dp_plain", ["--procs", "2", "--data-parallel", "--measure-every", "0",
+                                      "--norms", "bn,noisy_bn", "--no-plain-noise"])):
         cmd = [sys.executable, "-m", "bnext.experiments.vgg", *tiny, *extra, "--out", str(tmp_path / name)]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -500,3 +503,13 @@ def test_vgg_data_parallel_matches_one_process(tmp_path):
         _check_measured_on_global_batch(_measures(tmp_path / "dp", run_id), _measures(tmp_path / "single", run_id), norm)
         _check_activation_stats(_train_rows(tmp_path / "dp", run_id), _train_rows(tmp_path / "single", run_id), norm)
     assert (tmp_path / "dp" / "summary.json").exists() and (tmp_path / "dp" / "report.md").exists()
+    for norm in ("bn", "noisy_bn"):  # measuring (rank 0, in between the collectives) leaves the trajectory as it is
+        run_id = f"main-{norm}-lr0.1-s0"
+        assert not _measures(tmp_path / "dp_plain", run_id)
+        assert _train_rows(tmp_path / "dp", run_id) == _train_rows(tmp_path / "dp_plain", run_id), norm
+        assert _train_losses(tmp_path / "dp", run_id)[1] == _train_losses(tmp_path / "dp_plain", run_id)[1], norm
+        for r in ("", "rank1"):
+            wa = torch.load(tmp_path / "dp" / "runs" / run_id / r / "final.pt", weights_only=True)
+            wb = torch.load(tmp_path / "dp_plain" / "runs" / run_id / r / "final.pt", weights_only=True)
+            for k in wa:  # weights and running statistics
+                assert torch.equal(wa[k], wb[k]), (norm, r, k)
