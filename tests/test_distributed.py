@@ -227,6 +227,17 @@ def case_convert(rank, world):
     if rank == 0:
         synced.eval()
         torch.testing.assert_close(synced(x), single.eval()(x), atol=1e-12, rtol=1e-12)
+    # sync_disabled: the synchronized model on the whole global batch in ONE process (no collective: rank 0
+    # alone) = the single-process model; the groups come back, also when the block raises.
+    if rank == 0:
+        synced.train(), single.train()
+        with bnext.distributed.sync_disabled(synced):
+            assert all(m.process_group is None for m in norms)
+            torch.testing.assert_close(synced(x), single(x), atol=1e-12, rtol=1e-12)
+        assert all(m.process_group is group for m in norms)
+        with pytest.raises(RuntimeError, match="inside"), bnext.distributed.sync_disabled(synced):
+            raise RuntimeError("inside")
+        assert all(m.process_group is group for m in norms)
 
 
 def case_ddp_step(rank, world, split):
