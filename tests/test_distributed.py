@@ -511,8 +511,9 @@ def test_vgg_data_parallel_matches_one_process(tmp_path):
         torch.testing.assert_close(dp_train, one_train, rtol=1e-3, atol=0, msg=lambda m: f"{norm} train: {m}")
         torch.testing.assert_close(dp_test, one_test, rtol=1e-3, atol=0, msg=lambda m: f"{norm} test: {m}")
         assert (tmp_path / "dp" / "runs" / run_id / "rank1" / "summary.json").exists()
-        _check_measured_on_global_batch(_measures(tmp_path / "dp", run_id), _measures(tmp_path / "single", run_id), norm)
-        _check_activation_stats(_train_rows(tmp_path / "dp", run_id), _train_rows(tmp_path / "single", run_id), norm)
+        dp, one = tmp_path / "dp", tmp_path / "single"
+        _check_measured_on_global_batch(_measures(dp, run_id), _measures(one, run_id), norm)
+        _check_activation_stats(_train_rows(dp, run_id), _train_rows(one, run_id), norm)
     assert (tmp_path / "dp" / "summary.json").exists() and (tmp_path / "dp" / "report.md").exists()
     for norm in ("bn", "noisy_bn"):  # measuring (rank 0, in between the collectives) leaves the trajectory as it is
         run_id = f"main-{norm}-lr0.1-s0"
