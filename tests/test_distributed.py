@@ -452,7 +452,8 @@ def _check_activation_stats(dp, one, norm):
 
 def _check_measured_on_global_batch(dp, one, norm):
     """--data-parallel measurements (rank 0, global batch) against the single-process ones at step 0,
-    where both runs hold the same weights (the trajectories agree to ~1e-7 there) and the same batch."""
+    where both runs hold the same weights and batch (measured: bit for bit the same numbers, both with
+    --threads 1; the tolerances leave room for other thread counts and builds)."""
     assert sorted(dp) == sorted(one) == [0, 2], (sorted(dp), sorted(one))
     for step in (0, 2):
         assert "missing" not in dp[step], dp[step]
@@ -472,9 +473,12 @@ def _check_measured_on_global_batch(dp, one, norm):
     for k in a["hist"]:
         torch.testing.assert_close(a["hist"][k]["density"], b["hist"][k]["density"], rtol=1e-4, atol=1e-4,
                                    msg=lambda m: f"{norm} histogram of layer {k}: {m}")
-    if norm == "bn":  # Theorem 4.1 on the same loss and weights: the identity holds to rounding in both
+    if norm == "bn":  # Theorem 4.1 on the same loss, weights and batch: the same (rounding-level) errors
         assert a["thm41"]["layers"] == b["thm41"]["layers"] and a["thm41"]["channels"] == b["thm41"]["channels"]
-        assert a["thm41"]["max_rel_err"] < 1e-3 and b["thm41"]["max_rel_err"] < 1e-3, (a["thm41"], b["thm41"])
+        assert a["thm41"]["max_rel_err"] < 1e-3, a["thm41"]
+        for key in ("max_rel_err", "max_rel_err_paper_form"):
+            torch.testing.assert_close(a["thm41"][key], b["thm41"][key], rtol=1e-2, atol=1e-9,
+                                       msg=lambda m: f"Theorem 4.1 {key}: {m}")
 
 
 def test_vgg_data_parallel_matches_one_process(tmp_path):
