@@ -24,7 +24,10 @@ What is measured on what:
     RNG on every rank, so measuring leaves the trajectory unchanged. The other ranks wait (an
     all-reduce of rank 0's success flag, which also makes every rank fail together if measuring
     failed) and record only where the measurement is; the same numbers as a single process would
-    record on the same weights and batch, in rank 0's metrics.jsonl (tests/test_distributed.py).
+    record on the same weights and batch, in rank 0's metrics.jsonl (tests/test_distributed.py: bit
+    for bit at step 0 with --threads 1; the extra pass runs first, with the RNG put back after it, so
+    noisy BN's histogram sees the noise of the single-process training forward). Cost: a measured
+    step is one process's measurement on the whole batch, during which the other ranks idle.
   * per-step activation statistics (each layer's per-channel mean and variance, their change per step):
     the global batch, in the training forward itself (common.ActivationMonitor with `reduce`: the
     per-channel sums of x and x^2 all-reduced in fp64, one small collective per layer and step).
