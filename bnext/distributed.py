@@ -37,6 +37,7 @@ through the all-reduced sums.
 Every rank must call forward and backward of a synchronized layer the same number of times (the
 collectives pair up), also a rank whose batch is empty.
 """
+import contextlib
 import math
 from typing import Optional
 
@@ -45,7 +46,7 @@ from torch import Tensor
 
 from .ops import _acc_dtype, _ops, check_norm_args, draw_seed, update_running_stats
 
-__all__ = ["check_process_group", "is_synchronized", "sync_batch_norm", "sync_noisy_batch_norm",
+__all__ = ["check_process_group", "is_synchronized", "sync_disabled", "sync_batch_norm", "sync_noisy_batch_norm",
            "sync_lp_norm", "merge_welford"]
 
 
@@ -84,6 +85,23 @@ def is_synchronized(process_group, training: bool) -> bool:
         return False
     dist = _dist()
     return dist.is_initialized() and dist.get_world_size(process_group) > 1
+
+
+@contextlib.contextmanager
+def sync_disabled(model: torch.nn.Module):
+    """Within the block, every layer of ``model`` that has a ``process_group`` (bnext.nn's
+    normalization layers) computes LOCAL statistics (``process_group = None``); the groups are put back
+    on exit. For measuring a synchronized model on the whole global batch in ONE process: a synchronized
+    layer applied to the global batch split across ranks equals the unsynchronized layer applied to
+    the concatenated batch, and no collective is issued (the other ranks need not take part)."""
+    saved = [(m, m.process_group) for m in model.modules() if hasattr(type(m), "process_group")]
+    try:
+        for m, _ in saved:
+            m.process_group = None
+        yield model
+    finally:
+        for m, group in saved:
+            m.process_group = group
 
 
 def merge_welford(counts, means: Tensor, m2s: Tensor):

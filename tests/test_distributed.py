@@ -227,6 +227,17 @@ def case_convert(rank, world):
     if rank == 0:
         synced.eval()
         torch.testing.assert_close(synced(x), single.eval()(x), atol=1e-12, rtol=1e-12)
+    # sync_disabled: the synchronized model on the whole global batch in ONE process (no collective: rank 0
+    # alone) = the single-process model; the groups come back, also when the block raises.
+    if rank == 0:
+        synced.train(), single.train()
+        with bnext.distributed.sync_disabled(synced):
+            assert all(m.process_group is None for m in norms)
+            torch.testing.assert_close(synced(x), single(x), atol=1e-12, rtol=1e-12)
+        assert all(m.process_group is group for m in norms)
+        with pytest.raises(RuntimeError, match="inside"), bnext.distributed.sync_disabled(synced):
+            raise RuntimeError("inside")
+        assert all(m.process_group is group for m in norms)
 
 
 def case_ddp_step(rank, world, split):
@@ -414,21 +425,84 @@ def _train_losses(out, run_id):
     return ([r["loss"] for r in rows if r["type"] == "train"], [r["test_loss"] for r in rows if r["type"] == "eval"])
 
 
+def _measures(out, run_id):
+    import json
+    with open(out / "runs" / run_id / "metrics.jsonl") as f:
+        return {r["step"]: r for r in map(json.loads, filter(str.strip, f)) if r["type"] == "measure"}
+
+
+def _train_rows(out, run_id):
+    import json
+    with open(out / "runs" / run_id / "metrics.jsonl") as f:
+        return [r for r in map(json.loads, filter(str.strip, f)) if r["type"] == "train"]
+
+
+def _check_activation_stats(dp, one, norm):
+    """Per-step activation statistics of the global batch (all-reduced) against one process: the layer
+    mean and variance at steps 0 and 1, their change per step at step 1 (none at step 0)."""
+    for step in (0, 1):
+        for key in ("act_mean", "act_var"):
+            torch.testing.assert_close(dp[step][key], one[step][key], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"{norm} {key} at step {step}: {m}")
+    assert all(v is None for v in dp[0]["drift_mean"] + one[0]["drift_mean"])
+    for key in ("drift_mean", "drift_var"):
+        torch.testing.assert_close(dp[1][key], one[1][key], rtol=1e-3, atol=1e-5,
+                                   msg=lambda m: f"{norm} {key} at step 1: {m}")
+
+
+def _check_measured_on_global_batch(dp, one, norm):
+    """--data-parallel measurements (rank 0, global batch) against the single-process ones at step 0,
+    where both runs hold the same weights and batch (measured: bit for bit the same numbers, both with
+    --threads 1; the tolerances leave room for other thread counts and builds)."""
+    assert sorted(dp) == sorted(one) == [0, 2], (sorted(dp), sorted(one))
+    for step in (0, 2):
+        assert "missing" not in dp[step], dp[step]
+        assert dp[step]["ics"] and dp[step]["probe"]["losses"] and dp[step]["hist"], (norm, step)
+        assert ("thm41" in dp[step]) == ("thm41" in one[step]) == (norm == "bn"), (norm, step)
+    a, b = dp[0], one[0]
+    assert [r["name"] for r in a["ics"]] == [r["name"] for r in b["ics"]]
+    torch.testing.assert_close([r["cosine"] for r in a["ics"]], [r["cosine"] for r in b["ics"]], rtol=1e-4, atol=1e-5,
+                               msg=lambda m: f"{norm} ICS cosines: {m}")
+    torch.testing.assert_close([r["l2"] for r in a["ics"]], [r["l2"] for r in b["ics"]], rtol=1e-4, atol=0,
+                               msg=lambda m: f"{norm} ICS l2: {m}")
+    torch.testing.assert_close(a["probe"]["losses"], b["probe"]["losses"], rtol=1e-5, atol=0,
+                               msg=lambda m: f"{norm} line-probe losses: {m}")
+    torch.testing.assert_close(a["probe"]["grad_diffs"], b["probe"]["grad_diffs"], rtol=1e-4, atol=1e-6,
+                               msg=lambda m: f"{norm} line-probe gradient differences: {m}")
+    assert sorted(a["hist"]) == sorted(b["hist"])
+    for k in a["hist"]:
+        torch.testing.assert_close(a["hist"][k]["density"], b["hist"][k]["density"], rtol=1e-4, atol=1e-4,
+                                   msg=lambda m: f"{norm} histogram of layer {k}: {m}")
+    if norm == "bn":  # Theorem 4.1 on the same loss, weights and batch: the same (rounding-level) errors
+        assert a["thm41"]["layers"] == b["thm41"]["layers"] and a["thm41"]["channels"] == b["thm41"]["channels"]
+        assert a["thm41"]["max_rel_err"] < 1e-3, a["thm41"]
+        for key in ("max_rel_err", "max_rel_err_paper_form"):
+            torch.testing.assert_close(a["thm41"][key], b["thm41"][key], rtol=1e-2, atol=1e-9,
+                                       msg=lambda m: f"Theorem 4.1 {key}: {m}")
+
+
 def test_vgg_data_parallel_matches_one_process(tmp_path):
     """2 processes x uneven halves (8 + 7) of a 15-image batch, DDP + synchronized BatchNorm / noisy BN /
     l_inf: the global training and test losses follow the single-process run on the whole batch. The
     model is float32 and the convolutions and gradient sums are split differently, so the runs differ
     by rounding, which a deep net at LR 0.1 amplifies from step to step (measured: 1e-7 relative at
     step 0, 1e-6 at step 1, up to 1e-3 at step 3 for BN); hence 3 steps and a 1e-3 tolerance here.
-    Exactness in float64 is case_ddp_step's job."""
+    Exactness in float64 is case_ddp_step's job.
+    Measured at steps 0 and 2: in --data-parallel mode the landscape measurements, Theorem 4.1 and the
+    histograms are taken on the global batch (rank 0) and equal the single-process ones at step 0, and
+    so do the per-step activation statistics (all-reduced); a third, unmeasured --data-parallel run
+    (bn, noisy BN) has the same trajectory bit for bit (losses, activation statistics, final weights
+    and running statistics on both ranks)."""
     import subprocess
     import sys
     tiny = ["--dataset", "synthetic", "--no-download", "--width", "0.0625", "--batch-size", "15",
-            "--train-size", "128", "--test-size", "40", "--steps", "3", "--eval-every", "2", "--measure-every", "0",
+            "--train-size", "128", "--test-size", "40", "--steps", "3", "--eval-every", "2", "--measure-every", "2",
             "--checkpoint-every", "2", "--lrs", "0.1", "--ics-norms", "bn", "--ics-lrs", "0.1",
-            "--norms", "bn,noisy_bn,linf", "--no-progress", "--threads", "1"]
+            "--norms", "bn,noisy_bn,linf", "--no-progress", "--threads", "1", "--save-weights"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    for name, extra in (("dp", ["--procs", "2", "--data-parallel"]), ("single", ["--procs", "1"])):
+    for name, extra in (("dp", ["--procs", "2", "--data-parallel"]), ("single", ["--procs", "1"]),
+                        ("dp_plain", ["--procs", "2", "--data-parallel", "--measure-every", "0",
+                                      "--norms", "bn,noisy_bn", "--no-plain-noise"])):
         cmd = [sys.executable, "-m", "bnext.experiments.vgg", *tiny, *extra, "--out", str(tmp_path / name)]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -441,4 +515,17 @@ def test_vgg_data_parallel_matches_one_process(tmp_path):
         torch.testing.assert_close(dp_train, one_train, rtol=1e-3, atol=0, msg=lambda m: f"{norm} train: {m}")
         torch.testing.assert_close(dp_test, one_test, rtol=1e-3, atol=0, msg=lambda m: f"{norm} test: {m}")
         assert (tmp_path / "dp" / "runs" / run_id / "rank1" / "summary.json").exists()
+        dp, one = tmp_path / "dp", tmp_path / "single"
+        _check_measured_on_global_batch(_measures(dp, run_id), _measures(one, run_id), norm)
+        _check_activation_stats(_train_rows(dp, run_id), _train_rows(one, run_id), norm)
     assert (tmp_path / "dp" / "summary.json").exists() and (tmp_path / "dp" / "report.md").exists()
+    for norm in ("bn", "noisy_bn"):  # measuring (rank 0, in between the collectives) leaves the trajectory as it is
+        run_id = f"main-{norm}-lr0.1-s0"
+        assert not _measures(tmp_path / "dp_plain", run_id)
+        assert _train_rows(tmp_path / "dp", run_id) == _train_rows(tmp_path / "dp_plain", run_id), norm
+        assert _train_losses(tmp_path / "dp", run_id)[1] == _train_losses(tmp_path / "dp_plain", run_id)[1], norm
+        for r in ("", "rank1"):
+            wa = torch.load(tmp_path / "dp" / "runs" / run_id / r / "final.pt", weights_only=True)
+            wb = torch.load(tmp_path / "dp_plain" / "runs" / run_id / r / "final.pt", weights_only=True)
+            for k in wa:  # weights and running statistics
+                assert torch.equal(wa[k], wb[k]), (norm, r, k)

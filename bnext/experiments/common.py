@@ -250,9 +250,15 @@ class ActivationMonitor:
     absolute change from the previous step (the paper's "activation drift") and the layer-wide
     mean/variance. When `capture` is set, also a density histogram and the per-channel excess
     kurtosis of chosen layers. Hooks never modify the activations.
+
+    `reduce` (--data-parallel): a function that sums a tensor over all ranks; the per-channel mean and
+    variance are then those of the global batch (from all-reduced fp64 sums: one collective per layer
+    and step, so every rank's hooks must fire alike) and no histogram is taken here.
     """
 
-    def __init__(self, points: Dict[str, torch.nn.Module], hist_layers: Dict[str, int], bins: int = 80):
+    def __init__(self, points: Dict[str, torch.nn.Module], hist_layers: Dict[str, int], bins: int = 80,
+                 reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+        self.reduce = reduce
         self.names = list(points)
         self.hist_layers = hist_layers  # name -> 1-based layer number
         self.bins = bins
@@ -270,9 +276,20 @@ class ActivationMonitor:
             with torch.no_grad():
                 x = out.detach()
                 flat = x.transpose(0, 1).reshape(x.shape[1], -1).float()  # (C, N*spatial)
-                var, mean = torch.var_mean(flat, dim=1, unbiased=False)
+                if self.reduce is None:
+                    var, mean = torch.var_mean(flat, dim=1, unbiased=False)
+                    layer_var, layer_mean = torch.var_mean(flat, unbiased=False)
+                else:
+                    f64 = flat.double()
+                    n = torch.full((1,), float(flat.shape[1]), dtype=torch.float64, device=flat.device)
+                    sums = self.reduce(torch.cat([f64.sum(1), f64.pow(2).sum(1), n]))
+                    C, n = flat.shape[0], sums[-1].clamp_min(1.0)
+                    s1, s2 = sums[:C], sums[C:2 * C]
+                    mean, var = s1 / n, (s2 / n - (s1 / n).pow(2)).clamp_min(0.0)
+                    layer_mean = s1.sum() / (n * C)
+                    layer_var = (s2.sum() / (n * C) - layer_mean.pow(2)).clamp_min(0.0)
+                    mean, var, layer_mean, layer_var = (t.float() for t in (mean, var, layer_mean, layer_var))
                 stats = torch.stack([mean, var])
-                layer_var, layer_mean = torch.var_mean(flat, unbiased=False)
                 prev = self.prev[name]
                 if prev is not None and prev.shape == stats.shape:
                     delta = (stats - prev).abs().mean(dim=1)
@@ -281,7 +298,7 @@ class ActivationMonitor:
                 self.prev[name] = stats
                 # kept on the device; take() converts all layers at once (one sync per step on CUDA)
                 self.current[name] = torch.stack([layer_mean, layer_var, delta[0], delta[1]])
-                if self.capture and name in self.hist_layers:
+                if self.capture and name in self.hist_layers and self.reduce is None:
                     self.hists[name] = self._histogram(flat)
         return hook
 
@@ -393,7 +410,8 @@ def train_run(task, spec: RunSpec, run_dir: Path, *, device: torch.device, measu
     torch.manual_seed(spec.seed)
     model = task.build_model(spec).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=momentum, weight_decay=weight_decay)
-    monitor = ActivationMonitor(task.monitor_points(model), task.hist_points(model))
+    monitor = ActivationMonitor(task.monitor_points(model), task.hist_points(model),
+                                reduce=getattr(task, "activation_reduce", None))
     state = {"step": 0, "train_s": 0.0, "measure_s": 0.0, "eval_s": 0.0, "cpu_s": 0.0, "train_steps": 0, "measures": 0,
              "diverged_step": None, "resumed_from": []}
     truncate = None
@@ -449,7 +467,7 @@ def train_run(task, spec: RunSpec, run_dir: Path, *, device: torch.device, measu
             state["train_steps"] += 1
             acts, hists = monitor.take()
             if measuring:
-                rec["hist"] = hists
+                rec.setdefault("hist", hists)  # unless measure() took them (--data-parallel: global batch)
                 log.write({"type": "measure", "step": step, **rec})
             log.write({"type": "train", "step": step, **metrics, **acts})
             if not finite:

@@ -103,7 +103,7 @@ def _execute(exp: Experiment, dist: Dist) -> int:
     if data_parallel:  # every run on all ranks together: DDP + synchronized normalization
         from . import data_parallel as dp
         task = dp.DataParallelTask(task, device)
-        say(f"data-parallel: each run on {dist.world} processes; {dp.NOT_MEASURED}")
+        say(f"data-parallel: each run on {dist.world} processes; {dp.MEASURED}")
     say(f"data: {task.data_source}")
     say(f"device: {device} ({env['device_name']}), bnext {env['bnext']} {env['bnext_kernels_ran']} kernels, "
         f"torch {env['torch']}, {cpu['threads']} threads, allocator tuned: {cpu['allocator_tuned']}"
