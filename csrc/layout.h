@@ -175,6 +175,19 @@ inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& input, 
               " but input is on ", input.device());
 }
 
+// The arguments of every forward op (`op`: "batch_norm", "noisy_batch_norm", "lp_norm") besides `input`:
+// the affine parameters and running statistics (named var or norm; absent for noisy_batch_norm) one
+// value per channel on the input's device, and eps.
+inline void check_forward_args(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+                               const std::optional<at::Tensor>& running_second, const char* second_name, double eps) {
+  check_channel_arg(weight, "weight", input);
+  check_channel_arg(bias, "bias", input);
+  check_channel_arg(running_mean, "running_mean", input);
+  check_channel_arg(running_second, second_name, input);
+  check_eps((std::string("bnext.") + op).c_str(), eps);
+}
+
 // The arguments of every backward op (`op`: "batch_norm", "noisy_batch_norm", "lp_norm") besides `input`
 // (check_input): grad_out like the input; the per-channel statistics (`mean` and the second one, named
 // var or norm) and the affine parameters one value per channel on the input's device; eps. Without

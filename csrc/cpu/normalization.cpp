@@ -994,11 +994,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
     bool training, double eps, bool relu) {
   check_input(input);
-  check_channel_arg(weight, "weight", input);
-  check_channel_arg(bias, "bias", input);
-  check_channel_arg(running_mean, "running_mean", input);
-  check_channel_arg(running_var, "running_var", input);
-  check_eps("bnext.batch_norm", eps);
+  check_forward_args("batch_norm", input, weight, bias, running_mean, running_var, "running_var", eps);
   Geometry g;
   const Tensor x = to_kernel_layout(input, &g);
   const auto acc = acc_dtype(input.scalar_type());
@@ -1049,9 +1045,7 @@ std::tuple<Tensor, Tensor, Tensor> noisy_batch_norm_forward_cpu(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps,
     const Tensor& seed, at::ArrayRef<double> noise, int64_t noise_channels) {
   check_input(input);
-  check_channel_arg(weight, "weight", input);
-  check_channel_arg(bias, "bias", input);
-  check_eps("bnext.noisy_batch_norm", eps);
+  check_forward_args("noisy_batch_norm", input, weight, bias, std::nullopt, std::nullopt, "", eps);
   const NoiseSpec ns = noise_spec(seed, noise, noise_channels, input);
   Geometry g;
   const Tensor x = to_kernel_layout(input, &g);
@@ -1111,11 +1105,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lp_norm_forward_cpu(
     const Tensor& input, double p, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_norm, bool training, double eps) {
   check_input(input);
-  check_channel_arg(weight, "weight", input);
-  check_channel_arg(bias, "bias", input);
-  check_channel_arg(running_mean, "running_mean", input);
-  check_channel_arg(running_norm, "running_norm", input);
-  check_eps("bnext.lp_norm", eps);
+  check_forward_args("lp_norm", input, weight, bias, running_mean, running_norm, "running_norm", eps);
   const LpKind kind = lp_kind(p);
   Geometry g;
   const Tensor x = to_kernel_layout(input, &g);

@@ -604,11 +604,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cuda(
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
     bool training, double eps, bool relu) {
   check_cuda_input(input, "batch_norm");
-  check_eps("bnext.batch_norm", eps);
-  check_channel_arg(weight, "weight", input);
-  check_channel_arg(bias, "bias", input);
-  check_channel_arg(running_mean, "running_mean", input);
-  check_channel_arg(running_var, "running_var", input);
+  check_forward_args("batch_norm", input, weight, bias, running_mean, running_var, "running_var", eps);
   const c10::cuda::CUDAGuard guard(input.device());
   Geometry g;
   const Tensor x = to_kernel_layout(input, &g);
@@ -1030,9 +1026,7 @@ std::tuple<Tensor, Tensor, Tensor> noisy_batch_norm_forward_cuda(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps,
     const Tensor& seed, at::ArrayRef<double> noise, int64_t noise_channels) {
   check_cuda_input(input, "noisy_batch_norm");
-  check_eps("bnext.noisy_batch_norm", eps);
-  check_channel_arg(weight, "weight", input);
-  check_channel_arg(bias, "bias", input);
+  check_forward_args("noisy_batch_norm", input, weight, bias, std::nullopt, std::nullopt, "", eps);
   const NoiseSpec ns = noise_spec(seed, noise, noise_channels, input);
   const c10::cuda::CUDAGuard guard(input.device());
   Geometry g;
@@ -1077,11 +1071,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lp_norm_forward_cuda(
     const Tensor& input, double p, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_norm, bool training, double eps) {
   check_cuda_input(input, "lp_norm");
-  check_eps("bnext.lp_norm", eps);
-  check_channel_arg(weight, "weight", input);
-  check_channel_arg(bias, "bias", input);
-  check_channel_arg(running_mean, "running_mean", input);
-  check_channel_arg(running_norm, "running_norm", input);
+  check_forward_args("lp_norm", input, weight, bias, running_mean, running_norm, "running_norm", eps);
   const LpKind kind = lp_kind(p);
   const c10::cuda::CUDAGuard guard(input.device());
   Geometry g;
