@@ -10,11 +10,16 @@
 //   per channel c:   (r0, r1, ., .) = philox(counter = (c_lo, c_hi, 1, 0), key)
 //                    mu_c    = noise_mean * (2 u(r0) - 1)                 ~ U(-noise_mean, noise_mean)
 //                    sigma_c = 1 + (noise_std - 1) * u(r1)                 ~ U(1, noise_std)
-//   per element i:   (r0, r1, r2, .) = philox(counter = (i_lo, i_hi, 0, 0), key)
-//                    z = sqrt(-2 ln u'(r0)) * cos(2 pi u(r1))             ~ N(0, 1) (Box-Muller)
-//                    s = sigma_c + noise_std_spread * z                   ~ N(sigma_c, noise_std_spread)
-//                    m = mu_c + noise_mean_spread * (2 u(r2) - 1)         ~ U(mu_c -+ noise_mean_spread)
+//   per pair of elements (2k, 2k + 1):
+//                    (r0, r1, r2, r3) = philox(counter = (k_lo, k_hi, 0, 0), key)
+//                    z_2k     = sqrt(-2 ln u'(r0)) * cos(2 pi u(r1))     ~ N(0, 1) (Box-Muller: the two
+//                    z_2k+1   = sqrt(-2 ln u'(r0)) * sin(2 pi u(r1))     ~ N(0, 1)  are independent)
+//   per element i:   s = sigma_c + noise_std_spread * z_i                 ~ N(sigma_c, noise_std_spread)
+//                    m = mu_c + noise_mean_spread * (2 u(r_{2 + i % 2}) - 1)  ~ U(mu_c -+ noise_mean_spread)
 //   with u(r) = (r >> 8) * 2^-24 in [0, 1) and u'(r) = ((r >> 8) + 1) * 2^-24 in (0, 1].
+// One Philox call, one log and one sqrt serve two elements (all four words and both Box-Muller
+// outputs are used): the CPU kernels are compute-bound on exactly these, so this halves their cost
+// against one call per element.
 // i is the LOGICAL index of the element in the NCHW-contiguous order, i = (n * C + c) * S + s,
 // whatever the memory layout, so the same seed gives the same noise in both layouts and on CPU and
 // CUDA. With a period P (noise_channels; P = C except under vmap, which folds B problems of P
@@ -123,9 +128,9 @@ BNEXT_HD float noise_log(float u) {
   return (y + r) + fe * 0.693359375f;
 }
 
-// cos(2 pi u) for u in [0, 1), branch-free: quadrant q = floor(4u), angle a in [0, pi/4] within
-// the (folded) quadrant, Cephes' sinf/cosf polynomials on [-pi/4, pi/4].
-BNEXT_HD float noise_cos_2pi(float u) {
+// cos(2 pi u) and sin(2 pi u) for u in [0, 1), branch-free: quadrant q = floor(4u), angle a in
+// [0, pi/4] within the (folded) quadrant, Cephes' sinf/cosf polynomials on [-pi/4, pi/4].
+BNEXT_HD void noise_sincos_2pi(float u, float& cos_out, float& sin_out) {
   const float t = 4.0f * u;
   const int q = static_cast<int>(t);     // 0..3
   const float f = t - static_cast<float>(q);  // [0, 1): fraction of the quadrant
@@ -138,8 +143,11 @@ BNEXT_HD float noise_cos_2pi(float u) {
   const float cos_phi = upper ? s : c;  // phi = f * pi / 2 is the angle within quadrant q
   const float sin_phi = upper ? c : s;
   // cos(q pi / 2 + phi): q = 0: cos phi, 1: -sin phi, 2: -cos phi, 3: sin phi
-  const float r = (q & 1) ? sin_phi : cos_phi;
-  return (q == 1 || q == 2) ? -r : r;
+  const float rc = (q & 1) ? sin_phi : cos_phi;
+  cos_out = (q == 1 || q == 2) ? -rc : rc;
+  // sin(q pi / 2 + phi): q = 0: sin phi, 1: cos phi, 2: -sin phi, 3: -cos phi
+  const float rs = (q & 1) ? cos_phi : sin_phi;
+  sin_out = (q & 2) ? -rs : rs;
 }
 
 // The constants of one noisy BatchNorm call.
@@ -164,14 +172,23 @@ BNEXT_HD ChannelNoise channel_noise(const NoiseSpec& ns, int64_t c) {
                       1.0f + (ns.noise_std - 1.0f) * uniform_co(r.v[1])};
 }
 
-// The standard normal z of element i (logical NCHW index).
-BNEXT_HD float element_normal(const Philox4& r) {
-  return sqrtf(-2.0f * noise_log(uniform_oc(r.v[0]))) * noise_cos_2pi(uniform_co(r.v[1]));
+// The Philox words of the pair holding element i (logical NCHW index): counter i / 2.
+BNEXT_HD Philox4 element_bits(const NoiseSpec& ns, int64_t i) {
+  const uint64_t k = static_cast<uint64_t>(i) >> 1;
+  return philox4x32_10(static_cast<uint32_t>(k), static_cast<uint32_t>(k >> 32), 0u, 0u, ns.key0, ns.key1);
 }
 
-BNEXT_HD Philox4 element_bits(const NoiseSpec& ns, int64_t i) {
-  const uint64_t ui = static_cast<uint64_t>(i);
-  return philox4x32_10(static_cast<uint32_t>(ui), static_cast<uint32_t>(ui >> 32), 0u, 0u, ns.key0, ns.key1);
+// The standard normal z of element i from its pair's words: the cos (even i) or sin (odd i) half of
+// one Box-Muller transform.
+BNEXT_HD float element_normal(const Philox4& r, int64_t i) {
+  float c, s;
+  noise_sincos_2pi(uniform_co(r.v[1]), c, s);
+  return sqrtf(-2.0f * noise_log(uniform_oc(r.v[0]))) * ((i & 1) ? s : c);
+}
+
+// 2 u - 1 in [-1, 1) of element i (its m = mu_c + noise_mean_spread * this).
+BNEXT_HD float element_offset(const Philox4& r, int64_t i) {
+  return 2.0f * uniform_co(r.v[2 + (i & 1)]) - 1.0f;
 }
 
 // Logical index of element (n, c, s) of an (N, C, S) input under period P (see above).
@@ -181,7 +198,7 @@ BNEXT_HD int64_t noise_index(int64_t n, int64_t c, int64_t s, int64_t P, int64_t
 
 // Multiplicative noise s of element i (all the backward pass needs).
 BNEXT_HD float noise_scale(const NoiseSpec& ns, const ChannelNoise& ch, int64_t i) {
-  return ch.sigma + ns.noise_std_spread * element_normal(element_bits(ns, i));
+  return ch.sigma + ns.noise_std_spread * element_normal(element_bits(ns, i), i);
 }
 
 struct ElementNoise {
@@ -190,8 +207,8 @@ struct ElementNoise {
 
 BNEXT_HD ElementNoise element_noise(const NoiseSpec& ns, const ChannelNoise& ch, int64_t i) {
   const Philox4 r = element_bits(ns, i);
-  return ElementNoise{ch.sigma + ns.noise_std_spread * element_normal(r),
-                      ch.mu + ns.noise_mean_spread * (2.0f * uniform_co(r.v[2]) - 1.0f)};
+  return ElementNoise{ch.sigma + ns.noise_std_spread * element_normal(r, i),
+                      ch.mu + ns.noise_mean_spread * element_offset(r, i)};
 }
 
 }  // namespace bnext

@@ -2,22 +2,25 @@
 // Noisy BatchNorm's noise (csrc/common/noise.h) drawn many elements at a time on the CPU.
 //
 // The scalar definition costs one Philox4x32-10 call (20 32x32->64-bit multiplies), a log, a sqrt
-// and a cos per element: about 125 ns when the compiler leaves it scalar, which it did (measured:
-// the noise pass alone was 2-3x slower than the whole eager composition). Here the same arithmetic
-// runs on W = 16 (AVX-512) or 8 (AVX2) elements at once, one element per vector lane:
+// and a sincos per PAIR of elements (2k, 2k + 1), which the compiler leaves scalar. Here the same
+// arithmetic runs on W = 16 (AVX-512) or 8 (AVX2) pairs at once, one pair per vector lane:
 //   - Philox: a 32x32->64 multiply per lane is two vpmuludq (even and odd lanes) plus blends that
-//     put the low and high halves back in their lanes;
-//   - u, u', the log and the cos: the SAME operations in the same order as the scalar functions of
-//     noise.h (no FMA contraction: the build uses -ffp-contract=off and every step here is a
+//     put the low and high halves back in their lanes (AVX-512: 64-bit lanes, see V512::philox);
+//   - u, u', the log and the sincos: the SAME operations in the same order as the scalar functions
+//     of noise.h (no FMA contraction: the build uses -ffp-contract=off and every step here is a
 //     separate multiply or add), on IEEE single precision with round-to-nearest, and sqrt is the
 //     correctly rounded vsqrtps like sqrtf. So every lane is bitwise equal to the scalar
-//     element_noise (tests/test_noisy_batch_norm.py runs all instruction sets and compares bits);
-//     the CUDA kernel (nvcc --use_fast_math, FMA contraction) agrees to a few ulp, as documented in
-//     noise.h.
-// The scalar fallback (baseline ISA, and the tails) calls noise.h directly.
+//     definition (tests/native/noise_vec_check.cpp compares bits; tests/test_noise_vec.py runs every
+//     instruction set through the ops); the CUDA kernel (nvcc --use_fast_math, FMA contraction)
+//     agrees to a few ulp, as documented in noise.h.
+//   - consecutive indices (planar runs): one lane's pair fills two neighbouring outputs (the cos and
+//     the sin half), interleaved on the way out: half the generator work per element; strided
+//     indices (interleaved rows, stride S): each lane draws its element's pair and keeps the half
+//     its parity selects (no saving there).
+// The scalar fallback (baseline ISA, and the tails) evaluates noise.h directly, once per pair.
 //
 // What the kernels take from a call: for the elements with logical indices i0 + k * stride,
-// k in [0, len),  z[k] = the standard normal of the element and v[k] = 2 u(r2) - 1 (optional), so
+// k in [0, len),  z[k] = the standard normal of the element and v[k] = 2 u - 1 (optional), so
 // that s = sigma_c + noise_std_spread * z and m = mu_c + noise_mean_spread * v exactly as
 // element_noise computes them.
 #include <algorithm>
@@ -40,10 +43,32 @@ inline void scalar_block(uint32_t key0, uint32_t key1, int64_t i0, int64_t strid
   NoiseSpec ns{};
   ns.key0 = key0;
   ns.key1 = key1;
+  Philox4 r{};
+  uint64_t pair = ~uint64_t(0);  // the pair whose words r holds (neighbours share one call)
   for (int64_t k = 0; k < len; ++k) {
-    const Philox4 r = element_bits(ns, i0 + k * stride);
-    z[k] = element_normal(r);
-    if (v) v[k] = 2.0f * uniform_co(r.v[2]) - 1.0f;
+    const int64_t i = i0 + k * stride;
+    if ((static_cast<uint64_t>(i) >> 1) != pair) {
+      pair = static_cast<uint64_t>(i) >> 1;
+      r = element_bits(ns, i);
+    }
+    z[k] = element_normal(r, i);
+    if (v) v[k] = element_offset(r, i);
+  }
+}
+
+// Both elements of the pairs (i, i + 1), i = i0 + k * stride even, k in [0, len): the even ones to
+// z0 / v0, the odd ones to z1 / v1 (v0, v1 optional).
+inline void scalar_pairs(uint32_t key0, uint32_t key1, int64_t i0, int64_t stride, int64_t len, float* z0, float* z1,
+                         float* v0, float* v1) {
+  NoiseSpec ns{};
+  ns.key0 = key0;
+  ns.key1 = key1;
+  for (int64_t k = 0; k < len; ++k) {
+    const int64_t i = i0 + k * stride;
+    const Philox4 r = element_bits(ns, i);
+    z0[k] = element_normal(r, i);
+    z1[k] = element_normal(r, i + 1);
+    if (v0) v0[k] = element_offset(r, i), v1[k] = element_offset(r, i + 1);
   }
 }
 
@@ -97,13 +122,20 @@ struct V512 {
   BNEXT_TARGET_AVX512 static M gt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
   BNEXT_TARGET_AVX512 static M nonzero(I a) { return _mm512_test_epi32_mask(a, a); }
   BNEXT_TARGET_AVX512 static F select(M m, F a, F b) { return _mm512_mask_blend_ps(m, b, a); }  // m ? a : b
+  // p[0 .. 2W) = a0, b0, a1, b1, ...
+  BNEXT_TARGET_AVX512 static void store_interleaved(float* p, F a, F b) {
+    const I lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const I hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    _mm512_storeu_ps(p, _mm512_permutex2var_ps(a, lo, b));
+    _mm512_storeu_ps(p + 16, _mm512_permutex2var_ps(a, hi, b));
+  }
 
-  // Philox4x32-10 of 16 counters (lo, hi, 0, 0); returns words 0..2. Each counter word sits in the low
+  // Philox4x32-10 of 16 counters (lo, hi, 0, 0); returns the four words. Each counter word sits in the low
   // half of a 64-bit lane (two vectors of 8 elements): one vpmuludq then gives the whole product, lo in
   // the low half (the next round reads only low halves, so the high half needs no clearing) and hi
   // one shift away, and the two xors of a round fold into one vpternlogd: 6 operations per 8 elements
   // and round instead of 10 with 32-bit lanes.
-  BNEXT_TARGET_AVX512 static void philox(I lo, I hi, uint32_t k0, uint32_t k1, I& r0, I& r1, I& r2) {
+  BNEXT_TARGET_AVX512 static void philox(I lo, I hi, uint32_t k0, uint32_t k1, I& r0, I& r1, I& r2, I& r3) {
     const I m0 = _mm512_set1_epi64(0xD2511F53u), m1 = _mm512_set1_epi64(0xCD9E8D57u);
     I c0[2] = {_mm512_cvtepu32_epi64(_mm512_castsi512_si256(lo)), _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(lo, 1))};
     I c1[2] = {_mm512_cvtepu32_epi64(_mm512_castsi512_si256(hi)), _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(hi, 1))};
@@ -126,6 +158,7 @@ struct V512 {
     r0 = _mm512_permutex2var_epi32(c0[0], even, c0[1]);
     r1 = _mm512_permutex2var_epi32(c1[0], even, c1[1]);
     r2 = _mm512_permutex2var_epi32(c2[0], even, c2[1]);
+    r3 = _mm512_permutex2var_epi32(c3[0], even, c3[1]);
   }
 };
 
@@ -167,7 +200,13 @@ struct V256 {
     return _mm256_castsi256_ps(_mm256_xor_si256(_mm256_cmpeq_epi32(a, _mm256_setzero_si256()), _mm256_set1_epi32(-1)));
   }
   BNEXT_TARGET_AVX2 static F select(M m, F a, F b) { return _mm256_blendv_ps(b, a, m); }
-  BNEXT_TARGET_AVX2 static void philox(I lo, I hi, uint32_t k0, uint32_t k1, I& r0, I& r1, I& r2);
+  BNEXT_TARGET_AVX2 static void store_interleaved(float* p, F a, F b) {
+    const F lo = _mm256_unpacklo_ps(a, b);  // a0 b0 a1 b1 | a4 b4 a5 b5
+    const F hi = _mm256_unpackhi_ps(a, b);  // a2 b2 a3 b3 | a6 b6 a7 b7
+    _mm256_storeu_ps(p, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(p + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+  }
+  BNEXT_TARGET_AVX2 static void philox(I lo, I hi, uint32_t k0, uint32_t k1, I& r0, I& r1, I& r2, I& r3);
 };
 
 // Philox4x32-10 on W counters (c0, c1, c2, c3 per lane), philox4x32_10 of noise.h lane by lane.
@@ -215,10 +254,10 @@ BNEXT_LANES typename V::F log_lanes(typename V::F u) {
   return V::add(V::add(y, r), V::mul(fe, V::set1f(0.693359375f)));
 }
 
-// noise_cos_2pi of noise.h, lane by lane. The sign flip of quadrants 1 and 2 is an xor of the sign
-// bit, which is what negation does.
+// noise_sincos_2pi of noise.h, lane by lane. The sign flips are xors of the sign bit, which is
+// what negation does.
 template <typename V>
-BNEXT_LANES typename V::F cos_2pi_lanes(typename V::F u) {
+BNEXT_LANES void sincos_2pi_lanes(typename V::F u, typename V::F& cos_out, typename V::F& sin_out) {
   using F = typename V::F;
   using I = typename V::I;
   const F t = V::mul(V::set1f(4.0f), u);
@@ -235,43 +274,107 @@ BNEXT_LANES typename V::F cos_2pi_lanes(typename V::F u) {
   s = V::add(V::mul(V::mul(s, z), a), a);
   const F cos_phi = V::select(upper, s, c);
   const F sin_phi = V::select(upper, c, s);
-  const F r = V::select(V::nonzero(V::band(q, V::set1(1u))), sin_phi, cos_phi);
-  const I flip = V::template sll<30>(V::band(V::add(q, V::set1(1u)), V::set1(2u)));  // q = 1, 2 -> sign bit
-  return V::as_float(V::bxor(V::as_int(r), flip));
+  const typename V::M odd_q = V::nonzero(V::band(q, V::set1(1u)));
+  const F rc = V::select(odd_q, sin_phi, cos_phi);
+  const F rs = V::select(odd_q, cos_phi, sin_phi);
+  const I flip_cos = V::template sll<30>(V::band(V::add(q, V::set1(1u)), V::set1(2u)));  // q = 1, 2 -> sign bit
+  const I flip_sin = V::template sll<30>(V::band(q, V::set1(2u)));                       // q = 2, 3
+  cos_out = V::as_float(V::bxor(V::as_int(rc), flip_cos));
+  sin_out = V::as_float(V::bxor(V::as_int(rs), flip_sin));
 }
 
-BNEXT_LANES void V256::philox(I lo, I hi, uint32_t k0, uint32_t k1, I& r0, I& r1, I& r2) {
-  I c3 = set1(0u);
-  r0 = lo;
-  r1 = hi;
-  r2 = set1(0u);
-  philox_lanes<V256>(r0, r1, r2, c3, k0, k1);
+// Like V512::philox: each counter word in the low half of a 64-bit lane (two vectors of 4 pairs),
+// so one vpmuludq gives a whole product, its low half in place and its high half one shift away.
+BNEXT_LANES void V256::philox(I lo, I hi, uint32_t k0, uint32_t k1, I& r0, I& r1, I& r2, I& r3) {
+  const I m0 = _mm256_set1_epi64x(0xD2511F53u), m1 = _mm256_set1_epi64x(0xCD9E8D57u);
+  I c0[2] = {_mm256_cvtepu32_epi64(_mm256_castsi256_si128(lo)), _mm256_cvtepu32_epi64(_mm256_extracti128_si256(lo, 1))};
+  I c1[2] = {_mm256_cvtepu32_epi64(_mm256_castsi256_si128(hi)), _mm256_cvtepu32_epi64(_mm256_extracti128_si256(hi, 1))};
+  I c2[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+  I c3[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+  for (int round = 0; round < 10; ++round) {
+    const I key0 = _mm256_set1_epi64x(k0), key1 = _mm256_set1_epi64x(k1);
+    for (int h = 0; h < 2; ++h) {
+      const I p0 = _mm256_mul_epu32(c0[h], m0), p1 = _mm256_mul_epu32(c2[h], m1);
+      c0[h] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c1[h]), key0);  // hi1 ^ c1 ^ k0
+      c2[h] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), c3[h]), key1);  // hi0 ^ c3 ^ k1
+      c1[h] = p1;  // lo1 (low half)
+      c3[h] = p0;  // lo0
+    }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  // Low halves of the 8 lanes back into one vector, element order kept.
+  const I even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+#define BNEXT_PACK_LOW_HALVES(c) \
+  _mm256_permute2x128_si256(_mm256_permutevar8x32_epi32(c[0], even), _mm256_permutevar8x32_epi32(c[1], even), 0x20)
+  r0 = BNEXT_PACK_LOW_HALVES(c0);
+  r1 = BNEXT_PACK_LOW_HALVES(c1);
+  r2 = BNEXT_PACK_LOW_HALVES(c2);
+  r3 = BNEXT_PACK_LOW_HALVES(c3);
+#undef BNEXT_PACK_LOW_HALVES
 }
 
-// z (and v) for W elements whose counters are (lo, hi, 0, 0) per lane.
+// Both elements of W pairs whose counters are (lo, hi, 0, 0) per lane: z and v of the even
+// (2k) and the odd (2k + 1) element, as element_normal and element_offset compute them.
 template <typename V>
-BNEXT_LANES void normal_lanes(typename V::I lo, typename V::I hi, uint32_t key0, uint32_t key1, float* z,
-                                    float* v) {
+struct PairLanes {
+  typename V::F z_even, z_odd, v_even, v_odd;
+};
+
+template <typename V>
+BNEXT_LANES void pair_lanes(typename V::I lo, typename V::I hi, uint32_t key0, uint32_t key1, PairLanes<V>& out) {
   using F = typename V::F;
-  typename V::I c0, c1, c2;
-  V::philox(lo, hi, key0, key1, c0, c1, c2);
+  typename V::I c0, c1, c2, c3;
+  V::philox(lo, hi, key0, key1, c0, c1, c2, c3);
   const F two_24 = V::set1f(5.9604644775390625e-8f);
   const F u0 = V::mul(V::to_float(V::add(V::template srl<8>(c0), V::set1(1u))), two_24);  // uniform_oc
   const F u1 = V::mul(V::to_float(V::template srl<8>(c1)), two_24);                       // uniform_co
   const F radius = V::sqrt(V::mul(V::set1f(-2.0f), log_lanes<V>(u0)));
-  V::store(z, V::mul(radius, cos_2pi_lanes<V>(u1)));
-  if (v) {
-    const F u2 = V::mul(V::to_float(V::template srl<8>(c2)), two_24);
-    V::store(v, V::sub(V::mul(V::set1f(2.0f), u2), V::set1f(1.0f)));
-  }
+  F co, si;
+  sincos_2pi_lanes<V>(u1, co, si);
+  const F u2 = V::mul(V::to_float(V::template srl<8>(c2)), two_24);
+  const F u3 = V::mul(V::to_float(V::template srl<8>(c3)), two_24);
+  out.z_even = V::mul(radius, co);
+  out.z_odd = V::mul(radius, si);
+  out.v_even = V::sub(V::mul(V::set1f(2.0f), u2), V::set1f(1.0f));
+  out.v_odd = V::sub(V::mul(V::set1f(2.0f), u3), V::set1f(1.0f));
 }
 
-// The block loop: counters i0 + k * stride as (low word, high word) lane vectors. Within a vector the
-// high word is constant unless the low words wrap, which is checked; such vectors (at most one per
-// 2^32 elements) take the scalar path.
+// Consecutive indices i0 .. i0 + len: W pairs (2W elements) per step, the pair counters j .. j + W
+// as (low word, high word) lane vectors. A vector whose low words would wrap (at most one per 2^32
+// pairs), an odd first index and the tail take the scalar path.
 template <typename V>
-BNEXT_LANES void normal_block_lanes(uint32_t key0, uint32_t key1, int64_t i0, int64_t stride, int64_t len,
-                                          float* z, float* v) {
+BNEXT_LANES void normal_run_lanes(uint32_t key0, uint32_t key1, int64_t i0, int64_t len, float* z, float* v) {
+  constexpr int W = V::W;
+  uint32_t step[W];
+  for (int k = 0; k < W; ++k) step[k] = static_cast<uint32_t>(k);
+  const typename V::I lane_step = V::load(step);
+  int64_t k = 0;
+  if ((i0 & 1) && len > 0) {  // the odd half of a pair that starts before i0
+    scalar_block(key0, key1, i0, 1, 1, z, v);
+    k = 1;
+  }
+  for (; k + 2 * W <= len; k += 2 * W) {
+    const uint64_t first = static_cast<uint64_t>(i0 + k) >> 1, last = first + W - 1;
+    if ((first >> 32) != (last >> 32)) {
+      scalar_block(key0, key1, i0 + k, 1, 2 * W, z + k, v ? v + k : nullptr);
+      continue;
+    }
+    const typename V::I lo = V::add(V::set1(static_cast<uint32_t>(first)), lane_step);
+    PairLanes<V> p;
+    pair_lanes<V>(lo, V::set1(static_cast<uint32_t>(first >> 32)), key0, key1, p);
+    V::store_interleaved(z + k, p.z_even, p.z_odd);
+    if (v) V::store_interleaved(v + k, p.v_even, p.v_odd);
+  }
+  scalar_block(key0, key1, i0 + k, 1, len - k, z + k, v ? v + k : nullptr);
+}
+
+// Strided indices i0 + k * stride: one element per lane, each lane keeping the half of its pair that
+// its parity selects. Within a vector the high word of the index is constant unless the low words
+// wrap, which is checked; such vectors (at most one per 2^32 elements) take the scalar path.
+template <typename V>
+BNEXT_LANES void normal_strided_lanes(uint32_t key0, uint32_t key1, int64_t i0, int64_t stride, int64_t len,
+                                      float* z, float* v) {
   constexpr int W = V::W;
   uint32_t step[W];
   for (int k = 0; k < W; ++k) step[k] = static_cast<uint32_t>(static_cast<uint64_t>(k) * static_cast<uint64_t>(stride));
@@ -284,10 +387,56 @@ BNEXT_LANES void normal_block_lanes(uint32_t key0, uint32_t key1, int64_t i0, in
       scalar_block(key0, key1, static_cast<int64_t>(first), stride, W, z + k, v ? v + k : nullptr);
       continue;
     }
-    const typename V::I lo = V::add(V::set1(static_cast<uint32_t>(first)), lane_step);
-    normal_lanes<V>(lo, V::set1(static_cast<uint32_t>(first >> 32)), key0, key1, z + k, v ? v + k : nullptr);
+    const uint32_t hi = static_cast<uint32_t>(first >> 32);
+    const typename V::I idx = V::add(V::set1(static_cast<uint32_t>(first)), lane_step);  // low words of i
+    // pair counter i >> 1 = (low word >> 1 | hi << 31, hi >> 1)
+    const typename V::I lo = V::bor(V::template srl<1>(idx), V::set1(hi << 31));
+    PairLanes<V> p;
+    pair_lanes<V>(lo, V::set1(hi >> 1), key0, key1, p);
+    const typename V::M odd = V::nonzero(V::band(idx, V::set1(1u)));
+    V::store(z + k, V::select(odd, p.z_odd, p.z_even));
+    if (v) V::store(v + k, V::select(odd, p.v_odd, p.v_even));
   }
   scalar_block(key0, key1, i0 + k * stride, stride, len - k, z + k, v ? v + k : nullptr);
+}
+
+// Pairs (i, i + 1) at even indices i = i0 + k * stride (scalar_pairs, W pairs per step).
+template <typename V>
+BNEXT_LANES void normal_pairs_lanes(uint32_t key0, uint32_t key1, int64_t i0, int64_t stride, int64_t len, float* z0,
+                                    float* z1, float* v0, float* v1) {
+  constexpr int W = V::W;
+  uint32_t step[W];
+  for (int k = 0; k < W; ++k) step[k] = static_cast<uint32_t>(static_cast<uint64_t>(k) * static_cast<uint64_t>(stride));
+  const typename V::I lane_step = V::load(step);
+  int64_t k = 0;
+  for (; k + W <= len; k += W) {
+    const uint64_t first = static_cast<uint64_t>(i0 + k * stride);
+    const uint64_t last = static_cast<uint64_t>(i0 + (k + W - 1) * stride);
+    if ((first >> 32) != (last >> 32)) {
+      scalar_pairs(key0, key1, static_cast<int64_t>(first), stride, W, z0 + k, z1 + k, v0 ? v0 + k : nullptr,
+                   v1 ? v1 + k : nullptr);
+      continue;
+    }
+    const uint32_t hi = static_cast<uint32_t>(first >> 32);
+    const typename V::I idx = V::add(V::set1(static_cast<uint32_t>(first)), lane_step);
+    PairLanes<V> p;
+    pair_lanes<V>(V::bor(V::template srl<1>(idx), V::set1(hi << 31)), V::set1(hi >> 1), key0, key1, p);
+    V::store(z0 + k, p.z_even);
+    V::store(z1 + k, p.z_odd);
+    if (v0) V::store(v0 + k, p.v_even), V::store(v1 + k, p.v_odd);
+  }
+  scalar_pairs(key0, key1, i0 + k * stride, stride, len - k, z0 + k, z1 + k, v0 ? v0 + k : nullptr,
+               v1 ? v1 + k : nullptr);
+}
+
+template <typename V>
+BNEXT_LANES void normal_block_lanes(uint32_t key0, uint32_t key1, int64_t i0, int64_t stride, int64_t len,
+                                    float* z, float* v) {
+  if (stride == 1) {
+    normal_run_lanes<V>(key0, key1, i0, len, z, v);
+  } else {
+    normal_strided_lanes<V>(key0, key1, i0, stride, len, z, v);
+  }
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"), flatten, noinline)) inline void normal_block_avx512(
@@ -299,6 +448,16 @@ __attribute__((target("avx2,fma"), flatten, noinline)) inline void normal_block_
                                                                             int64_t stride, int64_t len, float* z,
                                                                             float* v) {
   normal_block_lanes<V256>(key0, key1, i0, stride, len, z, v);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"), flatten, noinline)) inline void normal_pairs_avx512(
+    uint32_t key0, uint32_t key1, int64_t i0, int64_t stride, int64_t len, float* z0, float* z1, float* v0, float* v1) {
+  normal_pairs_lanes<V512>(key0, key1, i0, stride, len, z0, z1, v0, v1);
+}
+
+__attribute__((target("avx2,fma"), flatten, noinline)) inline void normal_pairs_avx2(
+    uint32_t key0, uint32_t key1, int64_t i0, int64_t stride, int64_t len, float* z0, float* z1, float* v0, float* v1) {
+  normal_pairs_lanes<V256>(key0, key1, i0, stride, len, z0, z1, v0, v1);
 }
 
 #undef BNEXT_TARGET_AVX512
@@ -318,6 +477,21 @@ inline void normal_block(const NoiseSpec& ns, int64_t i0, int64_t stride, int64_
   }
 #endif
   scalar_block(ns.key0, ns.key1, i0, stride, len, z, v);
+}
+
+// Both halves of the pairs (i, i + 1) at even indices i = i0 + k * stride, k in [0, len): z0 / v0 the
+// even elements, z1 / v1 the odd ones (v0 and v1 both null or both not). Interleaved layouts with an
+// even S use it for two neighbouring rows (s, s + 1) at once: one draw per pair instead of per element.
+inline void normal_pairs(const NoiseSpec& ns, int64_t i0, int64_t stride, int64_t len, float* z0, float* z1, float* v0,
+                         float* v1) {
+#ifdef BNEXT_ISA_X86_DISPATCH
+  switch (isa::current()) {
+    case isa::Isa::kAvx512: normal_pairs_avx512(ns.key0, ns.key1, i0, stride, len, z0, z1, v0, v1); return;
+    case isa::Isa::kAvx2: normal_pairs_avx2(ns.key0, ns.key1, i0, stride, len, z0, z1, v0, v1); return;
+    case isa::Isa::kBaseline: break;
+  }
+#endif
+  scalar_pairs(ns.key0, ns.key1, i0, stride, len, z0, z1, v0, v1);
 }
 
 }  // namespace noise_cpu

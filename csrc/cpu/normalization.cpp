@@ -516,6 +516,27 @@ struct NoiseDraw {
       a = b;
     }
   }
+  // Interleaved, whole rows: z[r * C + c] for rows m0 .. m0 + rows. With S even, rows (s, s + 1), s even,
+  // hold the two elements of each pair (their indices differ by 1, the first even), so both rows come
+  // from one draw per pair; other rows are drawn alone.
+  void rows(int64_t m0, int64_t rows, float* z, float* v) const {
+    const int64_t C = g.C, S = g.S, P = ns.period;
+    for (int64_t r = 0; r < rows;) {
+      const int64_t m = m0 + r, n = m / S, s = m % S;
+      if (S % 2 == 0 && s % 2 == 0 && r + 1 < rows) {
+        for (int64_t a = 0; a < C;) {
+          const int64_t b = std::min(C, (a / P + 1) * P);
+          noise_cpu::normal_pairs(ns, noise_index(n, a, s, P, S), S, b - a, z + r * C + a, z + (r + 1) * C + a,
+                                  v ? v + r * C + a : nullptr, v ? v + (r + 1) * C + a : nullptr);
+          a = b;
+        }
+        r += 2;
+      } else {
+        row(m, 0, C, z + r * C, v ? v + r * C : nullptr);
+        r += 1;
+      }
+    }
+  }
 };
 
 // y = s * a + m, a = the affine normalization; s, m as element_noise computes them (fp32), the product
@@ -541,19 +562,28 @@ struct NoiseEpilogue {
     const acc_t *mean = p.mean.data(), *scale = p.scale.data(), *shift = p.shift.data();
     const float *sigma = noise.sigma.data(), *mu = noise.mu.data();
     const float sd = noise.ns.noise_std_spread, md = noise.ns.noise_mean_spread;
+    // channels [c0, c1) of row r, their noise at zr[c - c0], vr[c - c0]
+    auto apply = [&](int64_t r, int64_t c0, int64_t c1, const float* zr, const float* vr) {
+      const scalar_t* xr = x + r * C;
+      scalar_t* yr = y + r * C;
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) {
+        const ChannelAffine<acc_t> a{mean[c], scale[c], shift[c]};
+        const acc_t an = bn_forward_value(to_acc<acc_t>(xr[c]), a, false);
+        const float s = sigma[c] + sd * zr[c - c0], m = mu[c] + md * vr[c - c0];
+        yr[c] = from_acc<scalar_t>(static_cast<acc_t>(s) * an + static_cast<acc_t>(m));
+      }
+    };
+    if (rows * C <= kSegment) {  // the whole tile's noise in one go (row pairs share their draws)
+      noise.rows(m0, rows, z, v);
+      for (int64_t r = 0; r < rows; ++r) apply(r, 0, C, z + r * C, v + r * C);
+      return;
+    }
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t c0 = 0; c0 < C; c0 += kSegment) {
         const int64_t c1 = std::min(C, c0 + kSegment);
         noise.row(m0 + r, c0, c1, z, v);
-        const scalar_t* xr = x + r * C;
-        scalar_t* yr = y + r * C;
-#pragma omp simd
-        for (int64_t c = c0; c < c1; ++c) {
-          const ChannelAffine<acc_t> a{mean[c], scale[c], shift[c]};
-          const acc_t an = bn_forward_value(to_acc<acc_t>(xr[c]), a, false);
-          const float s = sigma[c] + sd * z[c - c0], m = mu[c] + md * v[c - c0];
-          yr[c] = from_acc<scalar_t>(static_cast<acc_t>(s) * an + static_cast<acc_t>(m));
-        }
+        apply(r, c0, c1, z, v);
       }
     }
   }
@@ -786,19 +816,28 @@ struct NoisyBackward : BnBackward<scalar_t, acc_t, false> {
     const acc_t* mean = this->p.mean.data();
     const float* sigma = noise.sigma.data();
     const float sd = noise.ns.noise_std_spread;
+    // channels [c0, c1) of row r, their noise at zr[c - c0]
+    auto apply = [&](int64_t r, int64_t c0, int64_t c1, const float* zr) {
+      const int64_t off = r * C;
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) {
+        const float s = sigma[c] + sd * zr[c - c0];
+        const scalar_t gs = from_acc<scalar_t>(to_acc<acc_t>(dy[off + c]) * static_cast<acc_t>(s));
+        out[off + c] = gs;
+        const acc_t gv = to_acc<acc_t>(gs);
+        s_dy[c] += gv;
+        s_dy_xc[c] += gv * (to_acc<acc_t>(x[off + c]) - mean[c]);
+      }
+    };
+    if (rows * C <= kSegment) {  // the whole tile's noise in one go (row pairs share their draws)
+      noise.rows(m0, rows, z, nullptr);
+      for (int64_t r = 0; r < rows; ++r) apply(r, 0, C, z + r * C);
+      return;
+    }
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t c0 = 0; c0 < C; c0 += kSegment) {
-        const int64_t c1 = std::min(C, c0 + kSegment), off = r * C;
-        noise.row(m0 + r, c0, c1, z, nullptr);
-#pragma omp simd
-        for (int64_t c = c0; c < c1; ++c) {
-          const float s = sigma[c] + sd * z[c - c0];
-          const scalar_t gs = from_acc<scalar_t>(to_acc<acc_t>(dy[off + c]) * static_cast<acc_t>(s));
-          out[off + c] = gs;
-          const acc_t gv = to_acc<acc_t>(gs);
-          s_dy[c] += gv;
-          s_dy_xc[c] += gv * (to_acc<acc_t>(x[off + c]) - mean[c]);
-        }
+        noise.row(m0 + r, c0, std::min(C, c0 + kSegment), z, nullptr);
+        apply(r, c0, std::min(C, c0 + kSegment), z);
       }
     }
   }
