@@ -306,3 +306,26 @@ def test_convert_targets_keep_state(to):
         back = bnext.nn.convert(model, to="torch")
         assert type(back[1]) is torch.nn.BatchNorm2d and type(back[5]) is torch.nn.BatchNorm1d
         assert torch.equal(back[1].weight.detach(), before["weight"])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_linf_argmax_is_the_first_over_segments_and_samples(layout):
+    """The kernel's arg-max (position n * S + s within the channel) equals torch.argmax of |x| (its
+    first index) when ties sit in several 2048-value segments of one run, in later samples at
+    earlier positions, and in the last segment only; a NaN is the maximum."""
+    N, C, H, W = 3, 4, 50, 100          # S = 5000: segments start at s = 0, 2048, 4096
+    x = torch.randn(N, C, H, W, dtype=torch.float64)
+    flat = x.view(N, C, H * W)
+    flat[1, 0, 10] = flat[0, 0, 4500] = flat[0, 0, 2100] = -9.0   # first: n 0, s 2100 (segment 1)
+    flat[2, 1, 5] = flat[1, 1, 4999] = 8.0                         # first: n 1, s 4999 (last segment)
+    flat[0, 2, 2047] = flat[0, 2, 2048] = 7.0                      # segment boundary: s 2047
+    flat[2, 3, 3000] = float("nan")
+    flat[1, 3, 0] = 1e6
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    one = torch.ones(C, dtype=torch.float64)
+    _, _, norm, argmax = ops.lp_norm_forward(x, math.inf, one, one * 0, None, None, True, 1e-5)
+    ref = x.abs().movedim(1, 0).reshape(C, -1)
+    ref_idx = torch.where(ref.isnan().any(1), ref.isnan().to(torch.int64).argmax(1), ref.argmax(1))
+    assert argmax.tolist() == ref_idx.tolist() == [0 * 5000 + 2100, 1 * 5000 + 4999, 2047, 2 * 5000 + 3000]
+    assert norm[:3].tolist() == [9.0, 8.0, 7.0] and math.isnan(norm[3].item())

@@ -341,6 +341,9 @@ inline void lp_merge(LpPartial& a, const LpPartial& b) {
 }
 
 // One segment (len <= kSegment) of a planar run; `pos0` is the position of x[0] within its channel.
+// For p = inf the segment's max |x| is recorded with pos0, the segment's start, as its index: the merge
+// then keeps the first segment attaining the channel's maximum, and lp_planar_stats finds the element
+// in that one segment per channel (a scan of every segment cost more than the rest of the pass).
 template <typename scalar_t, typename acc_t, LpKind P>
 void lp_segment_stats(const scalar_t* x, int64_t len, int64_t pos0, LpPartial& out) {
   out.sum += static_cast<double>(lane_sum<acc_t>(len, [&](int64_t i) { return to_acc<acc_t>(x[i]); }));
@@ -365,13 +368,7 @@ void lp_segment_stats(const scalar_t* x, int64_t len, int64_t pos0, LpPartial& o
   }
   acc_t best = acc_t(-1);
   for (int64_t j = 0; j < kLanes; ++j) best = maxabs_beats(mx[j], best) ? mx[j] : best;
-  // The first element attaining the maximum: a short scan of the cached segment.
-  for (int64_t k = 0; k < len && !(best < acc_t(0)); ++k) {
-    if (maxabs_same(std::abs(to_acc<acc_t>(x[k])), best)) {
-      out.max = maxabs_merge(out.max, MaxAbs<double>{static_cast<double>(best), pos0 + k});
-      break;
-    }
-  }
+  if (!(best < acc_t(0))) out.max = maxabs_merge(out.max, MaxAbs<double>{static_cast<double>(best), pos0});
 }
 
 template <typename scalar_t, typename acc_t, LpKind P>
@@ -388,6 +385,23 @@ std::vector<LpPartial> lp_planar_stats(const scalar_t* x, const Geometry& g) {
   std::vector<LpPartial> total(g.C);
   for (int64_t n = 0; n < g.N; ++n)
     for (int64_t c = 0; c < g.C; ++c) lp_merge(total[c], per_run[n * g.C + c]);
+  if (P == LpKind::kLinf) {
+    // max.index is the start n * S + s0 of the first segment attaining the maximum: the first element
+    // attaining it lies in that segment.
+    for (int64_t c = 0; c < g.C; ++c) {
+      MaxAbs<double>& m = total[c].max;
+      if (m.index < 0) continue;
+      const int64_t n = m.index / g.S, s0 = m.index % g.S, len = std::min(kSegment, g.S - s0);
+      const scalar_t* seg = x + (n * g.C + c) * g.S + s0;
+      const acc_t best = static_cast<acc_t>(m.max);
+      for (int64_t k = 0; k < len; ++k) {
+        if (maxabs_same(std::abs(to_acc<acc_t>(seg[k])), best)) {
+          m.index += k;
+          break;
+        }
+      }
+    }
+  }
   return total;
 }
 
