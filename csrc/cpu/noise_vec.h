@@ -578,5 +578,17 @@ inline void normal_pairs(const NoiseSpec& ns, int64_t i0, int64_t stride, int64_
   scalar_pairs(ns.key0, ns.key1, i0, stride, len, z0, z1, v0, v1);
 }
 
+// Interleaved layouts: z (and v) of channels [c0, c1) of sample n at spatial position s, in pieces
+// that do not cross a multiple of the period P (within one, the logical indices step by S).
+inline void normal_row(const NoiseSpec& ns, int64_t n, int64_t s, int64_t c0, int64_t c1, int64_t S, float* z,
+                       float* v) {
+  const int64_t P = ns.period;
+  for (int64_t a = c0; a < c1;) {
+    const int64_t b = std::min(c1, (a / P + 1) * P);
+    normal_block(ns, noise_index(n, a, s, P, S), S, b - a, z + (a - c0), v ? v + (a - c0) : nullptr);
+    a = b;
+  }
+}
+
 }  // namespace noise_cpu
 }  // namespace bnext

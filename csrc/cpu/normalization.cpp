@@ -523,12 +523,7 @@ struct NoiseDraw {
   // Interleaved: channels [c0, c1) of row m = n * S + s, in pieces that do not cross a multiple of
   // the period P (within one, the indices step by S).
   void row(int64_t m, int64_t c0, int64_t c1, float* z, float* v) const {
-    const int64_t n = m / g.S, s = m % g.S, P = ns.period;
-    for (int64_t a = c0; a < c1;) {
-      const int64_t b = std::min(c1, (a / P + 1) * P);
-      noise_cpu::normal_block(ns, noise_index(n, a, s, P, g.S), g.S, b - a, z + (a - c0), v ? v + (a - c0) : nullptr);
-      a = b;
-    }
+    noise_cpu::normal_row(ns, m / g.S, m % g.S, c0, c1, g.S, z, v);
   }
   // Interleaved, whole rows: z[r * C + c] for rows m0 .. m0 + rows. With S even, rows (s, s + 1), s even,
   // hold the two elements of each pair (their indices differ by 1, the first even), so both rows come

@@ -19,6 +19,7 @@
 #include "../layout.h"
 #include "../ops.h"
 #include "isa.h"
+#include "noise_vec.h"
 
 namespace bnext {
 namespace {
@@ -70,32 +71,47 @@ void sync_backward_kernel(const scalar_t* ge, const scalar_t* x, scalar_t* dx, c
       });
 }
 
+// The noise is drawn kTile values at a time through the vectorized generator (csrc/cpu/noise_vec.h,
+// bitwise equal to element_noise), s and m formed exactly as element_noise forms them.
 template <typename scalar_t, bool FORWARD>
 void noise_apply_kernel(const scalar_t* in, scalar_t* out, const Geometry& g, const NoiseSpec& ns, int64_t n0) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t kTile = 2048;
   const int64_t C = g.C, S = g.S, P = ns.period;
   std::vector<ChannelNoise> ch(C);
   for (int64_t c = 0; c < C; ++c) ch[c] = channel_noise(ns, c);
-  auto value = [&](acc_t v, const ChannelNoise& cn, int64_t i) -> scalar_t {
-    if (FORWARD) {
-      const ElementNoise e = element_noise(ns, cn, i);
-      return static_cast<scalar_t>(static_cast<acc_t>(e.s) * v + static_cast<acc_t>(e.m));
+  const float sd = ns.noise_std_spread, md = ns.noise_mean_spread;
+  // out[k] for k < len from in[k] and the noise z[k], v[k] of channel noise cn(k)
+  auto apply = [&](const scalar_t* x, scalar_t* y, int64_t len, const float* z, const float* v, auto&& cn) {
+#pragma omp simd
+    for (int64_t k = 0; k < len; ++k) {
+      const ChannelNoise& c = cn(k);
+      const acc_t s = static_cast<acc_t>(c.sigma + sd * z[k]);
+      y[k] = FORWARD ? static_cast<scalar_t>(s * static_cast<acc_t>(x[k]) + static_cast<acc_t>(c.mu + md * v[k]))
+                     : static_cast<scalar_t>(static_cast<acc_t>(x[k]) * s);
     }
-    return static_cast<scalar_t>(v * static_cast<acc_t>(noise_scale(ns, cn, i)));
   };
   for_each_piece(
       g,
       [&](int64_t n, int64_t c) {
+        alignas(64) float z[kTile], v[kTile];
         const int64_t off = (n * C + c) * S, base = noise_index(n0 + n, c, 0, P, S);
-        const ChannelNoise cn = ch[c];
-#pragma omp simd
-        for (int64_t s = 0; s < S; ++s) out[off + s] = value(static_cast<acc_t>(in[off + s]), cn, base + s);
+        const ChannelNoise& cn = ch[c];
+        for (int64_t s0 = 0; s0 < S; s0 += kTile) {
+          const int64_t len = std::min(kTile, S - s0);
+          noise_cpu::normal_block(ns, base + s0, 1, len, z, FORWARD ? v : nullptr);
+          apply(in + off + s0, out + off + s0, len, z, v, [&](int64_t) -> const ChannelNoise& { return cn; });
+        }
       },
       [&](int64_t m0, int64_t m1) {
+        alignas(64) float z[kTile], v[kTile];
         for (int64_t m = m0; m < m1; ++m) {
           const int64_t n = m / S, s = m % S, off = m * C;
-          for (int64_t c = 0; c < C; ++c) {
-            out[off + c] = value(static_cast<acc_t>(in[off + c]), ch[c], noise_index(n0 + n, c, s, P, S));
+          for (int64_t c0 = 0; c0 < C; c0 += kTile) {
+            const int64_t c1 = std::min(C, c0 + kTile);
+            noise_cpu::normal_row(ns, n0 + n, s, c0, c1, S, z, FORWARD ? v : nullptr);
+            apply(in + off + c0, out + off + c0, c1 - c0, z, v,
+                  [&](int64_t k) -> const ChannelNoise& { return ch[c0 + k]; });
           }
         }
       });
