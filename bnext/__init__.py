@@ -33,7 +33,7 @@ _C = _load_extension()
 from .ops import batch_norm, lp_norm, noisy_batch_norm  # noqa: E402
 from .allocator import tune_cpu_allocator  # noqa: E402
 from . import nn  # noqa: E402
-from .ops import GRAD_STATS_COLUMNS, cosine, grad_stats, l2_distance, multi_axpy  # noqa: E402
+from .ops import GRAD_STATS_COLUMNS, channel_stats, cosine, grad_stats, l2_distance, multi_axpy  # noqa: E402
 from . import landscape  # noqa: E402
 
 
@@ -47,4 +47,4 @@ def build_info() -> dict:
 
 
 __all__ = ["batch_norm", "build_info", "lp_norm", "nn", "noisy_batch_norm", "tune_cpu_allocator"]
-__all__ += ["GRAD_STATS_COLUMNS", "cosine", "grad_stats", "l2_distance", "landscape", "multi_axpy"]
+__all__ += ["GRAD_STATS_COLUMNS", "channel_stats", "cosine", "grad_stats", "l2_distance", "landscape", "multi_axpy"]

@@ -1,7 +1,7 @@
 """Registration of bnext's operators with torch.library (fake kernels, autograd, vmap) and the
 functional API. Schemas and CPU/CUDA kernels live in csrc/ (csrc/registration.cpp)."""
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -179,9 +179,8 @@ def _is_batched(*tensors) -> bool:
         t is not None and isinstance(t, Tensor) and is_batched(t) for t in tensors)
 
 
-def check_norm_args(op: str, input, channel_args: dict, eps, momentum):
-    """Validates the arguments shared by the normalization ops; raises TypeError/ValueError naming
-    the offending argument."""
+def check_input_tensor(op: str, input):
+    """input must be a float Tensor of shape (N, C, *) with 0 to 3 spatial dims."""
     if not isinstance(input, Tensor):
         raise TypeError(f"{op}: input must be a Tensor, got {type(input).__name__}")
     if input.dim() < 2 or input.dim() > 5:
@@ -189,6 +188,12 @@ def check_norm_args(op: str, input, channel_args: dict, eps, momentum):
                          f"got a {input.dim()}-d tensor of shape {tuple(input.shape)}")
     if input.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"{op}: input must be float64, float32, float16 or bfloat16, got {input.dtype}")
+
+
+def check_norm_args(op: str, input, channel_args: dict, eps, momentum):
+    """Validates the arguments shared by the normalization ops; raises TypeError/ValueError naming
+    the offending argument."""
+    check_input_tensor(op, input)
     C = input.shape[1]
     for name, t in channel_args.items():
         if t is None:
@@ -730,6 +735,20 @@ def multi_axpy(params, direction, etas) -> list:
 # Synchronized normalization building blocks (bnext/distributed.py; csrc/cpu/sync_normalization.cpp,
 # csrc/common/sync_math.h). Not differentiable themselves: distributed.py's autograd functions use them.
 # -------------------------------------------------------------------------------------------------
+
+def channel_stats(input: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of `input` (N, C, *) over (N, *), in float64: what
+    torch.var_mean(input, dim=(0, 2, ...), unbiased=False) computes, by BatchNorm's statistics pass
+    (one read of the input in either layout, no copy; fp32 segment sums merged in fp64 with
+    Chan's formula, accurate when |mean| >> std). Not differentiable. Channels without values get
+    NaN. For instrumentation: the experiments' per-step activation statistics use it."""
+    check_input_tensor("bnext.channel_stats", input)
+    mean, m2 = _ops.batch_norm_stats(input.detach())
+    count = input.numel() // input.shape[1] if input.shape[1] else 0
+    if count == 0:
+        return mean.fill_(math.nan), m2.fill_(math.nan)
+    return mean, m2 / count
+
 
 @torch.library.register_fake("bnext::batch_norm_stats")
 def _batch_norm_stats_fake(input):

@@ -590,3 +590,35 @@ def test_cuda_matches_cpu():
         xent(gpu, gbatch).backward()
         for r in L.bn_gradient_identity(gpu).values():
             assert float(r.rel_error.max()) < 1e-10
+
+
+# --- bnext.channel_stats: the per-channel statistics the experiments' activation monitor records --------
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "slice"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_channel_stats_match_float64_var_mean(layout, dtype):
+    base = torch.randn(6, 5, 7, 18, dtype=torch.float64) * 2 + 3
+    x = base[..., ::2] if layout == "slice" else base[..., :9].contiguous()
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x = x.to(dtype)
+    mean, var = bnext.channel_stats(x)
+    var_ref, mean_ref = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+    assert mean.dtype == var.dtype == torch.float64 and mean.shape == (5,)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-6, torch.bfloat16: 1e-6}[dtype]
+    torch.testing.assert_close(mean, mean_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(var, var_ref, rtol=tol, atol=tol)
+
+
+def test_channel_stats_large_mean_2d_and_empty():
+    x = torch.randn(4096, 3) + 1e4  # (N, C): no spatial dims; |mean| >> std in fp32
+    mean, var = bnext.channel_stats(x)
+    var_ref, mean_ref = torch.var_mean(x.double(), dim=0, unbiased=False)
+    torch.testing.assert_close(var, var_ref, rtol=1e-4, atol=0)
+    torch.testing.assert_close(mean, mean_ref, rtol=1e-9, atol=0)
+    mean, var = bnext.channel_stats(torch.randn(0, 3, 4))
+    assert mean.isnan().all() and var.isnan().all()
+    with pytest.raises(ValueError, match="input must have shape"):
+        bnext.channel_stats(torch.randn(3))
+    with pytest.raises(TypeError, match="input must be float"):
+        bnext.channel_stats(torch.ones(3, 4, dtype=torch.int64))
