@@ -99,6 +99,10 @@ CASES += [(f"lp_norm-p-{p!r}", (lambda p=p: _lp(x4(), None, None, None, None, Tr
 # grad_stats / multi_axpy / cosine
 f3 = lambda: torch.randn(3)  # noqa: E731
 CASES += [
+    ("channel_stats-not-tensor", lambda: bnext.channel_stats([1.0, 2.0]), r"\binput\b"),
+    ("channel_stats-1d", lambda: bnext.channel_stats(torch.randn(5)), r"\binput\b"),
+    ("channel_stats-6d", lambda: bnext.channel_stats(torch.randn(2, 2, 1, 1, 1, 1)), r"\binput\b"),
+    ("channel_stats-int", lambda: bnext.channel_stats(torch.ones(2, 3, dtype=torch.int64)), r"\binput\b"),
     ("grad_stats-length", lambda: bnext.grad_stats([f3(), f3()], [f3()]), r"len\(a\)"),
     ("grad_stats-a-single-tensor", lambda: bnext.grad_stats(f3(), [f3()]), r"\ba\b"),
     ("grad_stats-b-not-iterable", lambda: bnext.grad_stats([f3()], 3), r"\bb\b"),
