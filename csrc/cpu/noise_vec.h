@@ -231,7 +231,8 @@ BNEXT_LANES void philox_lanes(typename V::I& c0, typename V::I& c1, typename V::
 // Two vectors of V side by side (2W lanes): every operation is applied to both halves back to back,
 // so the generator's long dependency chains (10 Philox rounds, the log and sincos polynomials) of two
 // independent vectors interleave in the instruction stream. One vector alone leaves the core waiting
-// on latencies: with AVX2, per element (z and v, one thread) V256 3.9 ns, Wide<V256> 2.9 ns,
+// on latencies: with AVX2, per element (z and v, one thread) V256 4.3 ns (3.9 with a 64-bit-lane
+// Philox like V512's), Wide<V256> 2.9 ns,
 // Wide<Wide<V256>> 2.4 ns, Wide<Wide<Wide<V256>>> 2.8 ns (out of registers). AVX-512 keeps V512
 // alone (its 64-bit-lane Philox; the wide form has not been measured on an AVX-512 machine).
 template <typename V>
@@ -335,35 +336,14 @@ BNEXT_LANES void sincos_2pi_lanes(typename V::F u, typename V::F& cos_out, typen
   sin_out = V::as_float(V::bxor(V::as_int(rs), flip_sin));
 }
 
-// Like V512::philox: each counter word in the low half of a 64-bit lane (two vectors of 4 pairs),
-// so one vpmuludq gives a whole product, its low half in place and its high half one shift away.
+// V256 runs the generic 32-bit-lane rounds: it only serves the vectors that Wide<Wide<V256>>'s steps
+// leave over (a 64-bit-lane form like V512's was ~10% faster for single vectors, not worth a copy).
 BNEXT_LANES void V256::philox(I lo, I hi, uint32_t k0, uint32_t k1, I& r0, I& r1, I& r2, I& r3) {
-  const I m0 = _mm256_set1_epi64x(0xD2511F53u), m1 = _mm256_set1_epi64x(0xCD9E8D57u);
-  I c0[2] = {_mm256_cvtepu32_epi64(_mm256_castsi256_si128(lo)), _mm256_cvtepu32_epi64(_mm256_extracti128_si256(lo, 1))};
-  I c1[2] = {_mm256_cvtepu32_epi64(_mm256_castsi256_si128(hi)), _mm256_cvtepu32_epi64(_mm256_extracti128_si256(hi, 1))};
-  I c2[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-  I c3[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-  for (int round = 0; round < 10; ++round) {
-    const I key0 = _mm256_set1_epi64x(k0), key1 = _mm256_set1_epi64x(k1);
-    for (int h = 0; h < 2; ++h) {
-      const I p0 = _mm256_mul_epu32(c0[h], m0), p1 = _mm256_mul_epu32(c2[h], m1);
-      c0[h] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c1[h]), key0);  // hi1 ^ c1 ^ k0
-      c2[h] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), c3[h]), key1);  // hi0 ^ c3 ^ k1
-      c1[h] = p1;  // lo1 (low half)
-      c3[h] = p0;  // lo0
-    }
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  // Low halves of the 8 lanes back into one vector, element order kept.
-  const I even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
-#define BNEXT_PACK_LOW_HALVES(c) \
-  _mm256_permute2x128_si256(_mm256_permutevar8x32_epi32(c[0], even), _mm256_permutevar8x32_epi32(c[1], even), 0x20)
-  r0 = BNEXT_PACK_LOW_HALVES(c0);
-  r1 = BNEXT_PACK_LOW_HALVES(c1);
-  r2 = BNEXT_PACK_LOW_HALVES(c2);
-  r3 = BNEXT_PACK_LOW_HALVES(c3);
-#undef BNEXT_PACK_LOW_HALVES
+  r0 = lo;
+  r1 = hi;
+  r2 = set1(0u);
+  r3 = set1(0u);
+  philox_lanes<V256>(r0, r1, r2, r3, k0, k1);
 }
 
 template <typename V>
@@ -433,13 +413,14 @@ BNEXT_LANES int64_t normal_run_lanes(uint32_t key0, uint32_t key1, int64_t i0, i
   return k;
 }
 
-// Strided indices i0 + k * stride: one element per lane, each lane keeping the half of its pair that
-// its parity selects. Within a vector the high word of the index is constant unless the low words
-// wrap, which is checked; such vectors (at most one per 2^32 elements) take the scalar path. Returns
-// how many elements it wrote (whole vectors only).
-template <typename V>
-BNEXT_LANES int64_t normal_strided_lanes(uint32_t key0, uint32_t key1, int64_t i0, int64_t stride, int64_t len,
-                                      float* z, float* v) {
+// Strided indices i0 + k * stride, one lane each. BOTH = false: the element's own value, the half of
+// its pair that its parity selects, to z0 (and v0). BOTH = true (i even, scalar_pairs): both elements
+// of the pair (i, i + 1), the even one to z0 / v0, the odd one to z1 / v1. Within a vector the high
+// word of the index is constant unless the low words wrap, which is checked; such vectors (at most one
+// per 2^32 elements) take the scalar path. Returns how many lanes it wrote (whole vectors only).
+template <typename V, bool BOTH>
+BNEXT_LANES int64_t strided_lanes(uint32_t key0, uint32_t key1, int64_t i0, int64_t stride, int64_t len, float* z0,
+                                  float* z1, float* v0, float* v1) {
   constexpr int W = V::W;
   uint32_t step[W];
   for (int k = 0; k < W; ++k) step[k] = static_cast<uint32_t>(static_cast<uint64_t>(k) * static_cast<uint64_t>(stride));
@@ -449,47 +430,28 @@ BNEXT_LANES int64_t normal_strided_lanes(uint32_t key0, uint32_t key1, int64_t i
     const uint64_t first = static_cast<uint64_t>(i0 + k * stride);
     const uint64_t last = static_cast<uint64_t>(i0 + (k + W - 1) * stride);
     if ((first >> 32) != (last >> 32)) {
-      scalar_block(key0, key1, static_cast<int64_t>(first), stride, W, z + k, v ? v + k : nullptr);
+      if (BOTH) {
+        scalar_pairs(key0, key1, static_cast<int64_t>(first), stride, W, z0 + k, z1 + k, v0 ? v0 + k : nullptr,
+                     v1 ? v1 + k : nullptr);
+      } else {
+        scalar_block(key0, key1, static_cast<int64_t>(first), stride, W, z0 + k, v0 ? v0 + k : nullptr);
+      }
       continue;
     }
     const uint32_t hi = static_cast<uint32_t>(first >> 32);
     const typename V::I idx = V::add(V::set1(static_cast<uint32_t>(first)), lane_step);  // low words of i
     // pair counter i >> 1 = (low word >> 1 | hi << 31, hi >> 1)
-    const typename V::I lo = V::bor(V::template srl<1>(idx), V::set1(hi << 31));
-    PairLanes<V> p;
-    pair_lanes<V>(lo, V::set1(hi >> 1), key0, key1, p);
-    const typename V::M odd = V::nonzero(V::band(idx, V::set1(1u)));
-    V::store(z + k, V::select(odd, p.z_odd, p.z_even));
-    if (v) V::store(v + k, V::select(odd, p.v_odd, p.v_even));
-  }
-  return k;
-}
-
-// Pairs (i, i + 1) at even indices i = i0 + k * stride (scalar_pairs, W pairs per step); returns how
-// many pairs it wrote (whole vectors only).
-template <typename V>
-BNEXT_LANES int64_t normal_pairs_lanes(uint32_t key0, uint32_t key1, int64_t i0, int64_t stride, int64_t len, float* z0,
-                                    float* z1, float* v0, float* v1) {
-  constexpr int W = V::W;
-  uint32_t step[W];
-  for (int k = 0; k < W; ++k) step[k] = static_cast<uint32_t>(static_cast<uint64_t>(k) * static_cast<uint64_t>(stride));
-  const typename V::I lane_step = V::load(step);
-  int64_t k = 0;
-  for (; k + W <= len; k += W) {
-    const uint64_t first = static_cast<uint64_t>(i0 + k * stride);
-    const uint64_t last = static_cast<uint64_t>(i0 + (k + W - 1) * stride);
-    if ((first >> 32) != (last >> 32)) {
-      scalar_pairs(key0, key1, static_cast<int64_t>(first), stride, W, z0 + k, z1 + k, v0 ? v0 + k : nullptr,
-                   v1 ? v1 + k : nullptr);
-      continue;
-    }
-    const uint32_t hi = static_cast<uint32_t>(first >> 32);
-    const typename V::I idx = V::add(V::set1(static_cast<uint32_t>(first)), lane_step);
     PairLanes<V> p;
     pair_lanes<V>(V::bor(V::template srl<1>(idx), V::set1(hi << 31)), V::set1(hi >> 1), key0, key1, p);
-    V::store(z0 + k, p.z_even);
-    V::store(z1 + k, p.z_odd);
-    if (v0) V::store(v0 + k, p.v_even), V::store(v1 + k, p.v_odd);
+    if (BOTH) {
+      V::store(z0 + k, p.z_even);
+      V::store(z1 + k, p.z_odd);
+      if (v0) V::store(v0 + k, p.v_even), V::store(v1 + k, p.v_odd);
+    } else {
+      const typename V::M odd = V::nonzero(V::band(idx, V::set1(1u)));
+      V::store(z0 + k, V::select(odd, p.z_odd, p.z_even));
+      if (v0) V::store(v0 + k, V::select(odd, p.v_odd, p.v_even));
+    }
   }
   return k;
 }
@@ -505,9 +467,10 @@ BNEXT_LANES void normal_block_lanes(uint32_t key0, uint32_t key1, int64_t i0, in
     k = normal_run_lanes<Vw>(key0, key1, i0, len, z, v);
     if (!std::is_same<Vw, Vn>::value) k += normal_run_lanes<Vn>(key0, key1, i0 + k, len - k, z + k, v ? v + k : nullptr);
   } else {
-    k = normal_strided_lanes<Vw>(key0, key1, i0, stride, len, z, v);
+    k = strided_lanes<Vw, false>(key0, key1, i0, stride, len, z, nullptr, v, nullptr);
     if (!std::is_same<Vw, Vn>::value)
-      k += normal_strided_lanes<Vn>(key0, key1, i0 + k * stride, stride, len - k, z + k, v ? v + k : nullptr);
+      k += strided_lanes<Vn, false>(key0, key1, i0 + k * stride, stride, len - k, z + k, nullptr, v ? v + k : nullptr,
+                                    nullptr);
   }
   scalar_block(key0, key1, i0 + k * stride, stride, len - k, z + k, v ? v + k : nullptr);
 }
@@ -515,10 +478,10 @@ BNEXT_LANES void normal_block_lanes(uint32_t key0, uint32_t key1, int64_t i0, in
 template <typename Vw, typename Vn>
 BNEXT_LANES void normal_pairs_chain(uint32_t key0, uint32_t key1, int64_t i0, int64_t stride, int64_t len, float* z0,
                                     float* z1, float* v0, float* v1) {
-  int64_t k = normal_pairs_lanes<Vw>(key0, key1, i0, stride, len, z0, z1, v0, v1);
+  int64_t k = strided_lanes<Vw, true>(key0, key1, i0, stride, len, z0, z1, v0, v1);
   if (!std::is_same<Vw, Vn>::value)
-    k += normal_pairs_lanes<Vn>(key0, key1, i0 + k * stride, stride, len - k, z0 + k, z1 + k, v0 ? v0 + k : nullptr,
-                                v1 ? v1 + k : nullptr);
+    k += strided_lanes<Vn, true>(key0, key1, i0 + k * stride, stride, len - k, z0 + k, z1 + k, v0 ? v0 + k : nullptr,
+                                 v1 ? v1 + k : nullptr);
   scalar_pairs(key0, key1, i0 + k * stride, stride, len - k, z0 + k, z1 + k, v0 ? v0 + k : nullptr,
                v1 ? v1 + k : nullptr);
 }
