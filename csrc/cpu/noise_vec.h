@@ -541,16 +541,34 @@ inline void normal_pairs(const NoiseSpec& ns, int64_t i0, int64_t stride, int64_
   scalar_pairs(ns.key0, ns.key1, i0, stride, len, z0, z1, v0, v1);
 }
 
-// Interleaved layouts: z (and v) of channels [c0, c1) of sample n at spatial position s, in pieces
-// that do not cross a multiple of the period P (within one, the logical indices step by S).
-inline void normal_row(const NoiseSpec& ns, int64_t n, int64_t s, int64_t c0, int64_t c1, int64_t S, float* z,
-                       float* v) {
-  const int64_t P = ns.period;
+// Calls piece(a, b) for the pieces [a, b) of channels [c0, c1) that do not cross a multiple of the
+// period P: within one piece the logical indices of an interleaved row step by S.
+template <typename Piece>
+inline void period_pieces(int64_t c0, int64_t c1, int64_t P, Piece&& piece) {
   for (int64_t a = c0; a < c1;) {
     const int64_t b = std::min(c1, (a / P + 1) * P);
-    normal_block(ns, noise_index(n, a, s, P, S), S, b - a, z + (a - c0), v ? v + (a - c0) : nullptr);
+    piece(a, b);
     a = b;
   }
+}
+
+// Interleaved layouts: z (and v) of channels [c0, c1) of sample n at spatial position s.
+inline void normal_row(const NoiseSpec& ns, int64_t n, int64_t s, int64_t c0, int64_t c1, int64_t S, float* z,
+                       float* v) {
+  period_pieces(c0, c1, ns.period, [&](int64_t a, int64_t b) {
+    normal_block(ns, noise_index(n, a, s, ns.period, S), S, b - a, z + (a - c0), v ? v + (a - c0) : nullptr);
+  });
+}
+
+// The rows s (even) and s + 1 of sample n together, S even: their elements are the pairs (i, i + 1),
+// one draw each; row s to z0 / v0, row s + 1 to z1 / v1 (channels [c0, c1); v0, v1 optional).
+inline void normal_row_pair(const NoiseSpec& ns, int64_t n, int64_t s, int64_t c0, int64_t c1, int64_t S, float* z0,
+                            float* z1, float* v0, float* v1) {
+  period_pieces(c0, c1, ns.period, [&](int64_t a, int64_t b) {
+    const int64_t o = a - c0;
+    normal_pairs(ns, noise_index(n, a, s, ns.period, S), S, b - a, z0 + o, z1 + o, v0 ? v0 + o : nullptr,
+                 v1 ? v1 + o : nullptr);
+  });
 }
 
 }  // namespace noise_cpu

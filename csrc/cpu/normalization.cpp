@@ -529,16 +529,12 @@ struct NoiseDraw {
   // hold the two elements of each pair (their indices differ by 1, the first even), so both rows come
   // from one draw per pair; other rows are drawn alone.
   void rows(int64_t m0, int64_t rows, float* z, float* v) const {
-    const int64_t C = g.C, S = g.S, P = ns.period;
+    const int64_t C = g.C, S = g.S;
     for (int64_t r = 0; r < rows;) {
       const int64_t m = m0 + r, n = m / S, s = m % S;
       if (S % 2 == 0 && s % 2 == 0 && r + 1 < rows) {
-        for (int64_t a = 0; a < C;) {
-          const int64_t b = std::min(C, (a / P + 1) * P);
-          noise_cpu::normal_pairs(ns, noise_index(n, a, s, P, S), S, b - a, z + r * C + a, z + (r + 1) * C + a,
-                                  v ? v + r * C + a : nullptr, v ? v + (r + 1) * C + a : nullptr);
-          a = b;
-        }
+        noise_cpu::normal_row_pair(ns, n, s, 0, C, S, z + r * C, z + (r + 1) * C, v ? v + r * C : nullptr,
+                                   v ? v + (r + 1) * C : nullptr);
         r += 2;
       } else {
         row(m, 0, C, z + r * C, v ? v + r * C : nullptr);
