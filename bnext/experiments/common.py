@@ -1,5 +1,5 @@
 """What the VGG and DLN experiments share: files written atomically, the process group for torchrun,
-the activation monitor, and the resumable training loop of one run.
+RNG save/restore, the activation monitor and a run's spec. One run's training loop is train.run_one.
 
 Layout of an output directory:
     config.json                 the full config (a rerun with a different trajectory config refuses to mix)
@@ -15,7 +15,6 @@ import math
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -358,10 +357,6 @@ class ActivationMonitor:
 # -------------------------------------------------------------------------------------------------
 
 
-class Interrupted(KeyboardInterrupt):
-    """Raised by the test hook `interrupt_at` to simulate Ctrl-C at a given step."""
-
-
 @dataclasses.dataclass
 class RunSpec:
     """One training run of a grid. `group` separates the main grid from the LR sweep."""
@@ -377,140 +372,17 @@ class RunSpec:
         return f"{self.group}-{self.norm}-lr{self.lr:g}-s{self.seed}"
 
 
-class Task:
-    """What an experiment supplies to `train_run`. See vgg.py and dln.py."""
-
-    def monitor_points(self, model) -> Dict[str, torch.nn.Module]: ...
-    def hist_points(self, model) -> Dict[str, int]: ...  # monitored name -> layer number to histogram
-    def build_model(self, spec: RunSpec) -> torch.nn.Module: ...
-    def batch(self, spec: RunSpec, step: int): ...
-    def loss_and_metrics(self, model, batch) -> (torch.Tensor, Dict[str, float]): ...
-    def evaluate(self, model) -> Dict[str, float]: ...
-    def measure(self, model, batch, spec: RunSpec, step: int) -> Dict[str, Any]: ...
-    def before_forward(self, model, spec) -> Any: ...  # at measured steps: e.g. start a Theorem 4.1 tracker
-    def after_backward(self, model, probe) -> Dict[str, Any]: ...  # at measured steps, after the training backward
-    def summarize(self, spec: RunSpec, records: List[dict], info: Dict[str, Any]) -> Dict[str, Any]: ...
-
-
-def _due(step: int, every: int, last: int) -> bool:
-    return every > 0 and (step % every == 0 or step == last)
-
-
-def train_run(task, spec: RunSpec, run_dir: Path, *, device: torch.device, measure_every: int,
-              eval_every: int, checkpoint_every: int, momentum: float = 0.0, weight_decay: float = 0.0,
-              bar=None, interrupt_at: Optional[int] = None, save_weights: bool = False) -> Dict[str, Any]:
-    """Trains one run (or continues it from its checkpoint) and returns its summary.
-
-    Order within step t: [measure on batch t at the current weights] -> forward/backward on batch t
-    (the training step; activation statistics recorded) -> SGD update -> [eval after t+1 updates] ->
-    [checkpoint]. Measurement and evaluation run with the RNG state saved and restored, and the
-    landscape toolkit leaves parameters, gradients and buffers as they were, so the trajectory is the
-    same with or without them. A non-finite training loss ends the run as diverged at that step.
-    """
-    run_dir = Path(run_dir)
-    summary_path, ckpt_path, metrics_path = run_dir / "summary.json", run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
-    if summary_path.exists():
-        with open(summary_path) as f:
-            return json.load(f)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(spec.seed)
-    model = task.build_model(spec).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=momentum, weight_decay=weight_decay)
-    monitor = ActivationMonitor(task.monitor_points(model), task.hist_points(model),
-                                reduce=getattr(task, "activation_reduce", None))
-    state = {"step": 0, "train_s": 0.0, "measure_s": 0.0, "eval_s": 0.0, "cpu_s": 0.0, "train_steps": 0, "measures": 0,
-             "diverged_step": None, "resumed_from": []}
-    truncate = None
-    if ckpt_path.exists() and metrics_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        monitor.load_state_dict(ck["monitor"])
-        state = ck["state"]
-        state["resumed_from"] = list(state["resumed_from"]) + [state["step"]]
-        set_rng_state({k: v.cpu() for k, v in ck["rng"].items()}, device)
-        truncate = ck["metrics_offset"]
-    log = MetricsLog(metrics_path, truncate_to=truncate)
-    last = spec.steps - 1
-    state.setdefault("cpu_s", 0.0)
-    cpu0 = time.process_time()
-    if bar is not None:
-        bar.reset(total=spec.steps)
-        bar.update(state["step"])
-        bar.set_description(spec.run_id)
-    try:
-        if state["step"] == 0 and eval_every > 0:
-            with rng_preserved(device):
-                log.write({"type": "eval", "step": 0, **task.evaluate(model)})
-        for step in range(state["step"], spec.steps):
-            if interrupt_at is not None and step == interrupt_at:
-                raise Interrupted(f"simulated interrupt at step {step}")
-            batch = task.batch(spec, step)
-            measuring = spec.measure and _due(step, measure_every, last)
-            if measuring:
-                t0 = time.perf_counter()
-                with rng_preserved(device):
-                    rec = task.measure(model, batch, spec, step)
-                state["measure_s"] += time.perf_counter() - t0
-                state["measures"] += 1
-            t0 = time.perf_counter()
-            model.train()
-            monitor.active, monitor.capture = True, measuring
-            opt.zero_grad(set_to_none=True)
-            probe = task.before_forward(model, spec) if measuring else None
-            loss, metrics = task.loss_and_metrics(model, batch)
-            monitor.active = monitor.capture = False
-            finite = math.isfinite(loss.item())
-            if finite:
-                loss.backward()
-                if measuring:
-                    rec.update(task.after_backward(model, probe))
-                opt.step()
-            elif probe is not None:
-                with contextlib.suppress(Exception):  # no backward ran: only release the hooks
-                    task.after_backward(model, probe)
-            state["train_s"] += time.perf_counter() - t0
-            state["train_steps"] += 1
-            acts, hists = monitor.take()
-            if measuring:
-                rec.setdefault("hist", hists)  # unless measure() took them (--data-parallel: global batch)
-                log.write({"type": "measure", "step": step, **rec})
-            log.write({"type": "train", "step": step, **metrics, **acts})
-            if not finite:
-                state["diverged_step"] = step
-                log.write({"type": "diverged", "step": step, "loss": loss.item()})
-                state["step"] = step + 1
-                break
-            state["step"] = step + 1
-            if eval_every > 0 and (state["step"] % eval_every == 0 or step == last):
-                t0 = time.perf_counter()
-                with rng_preserved(device):
-                    log.write({"type": "eval", "step": state["step"], **task.evaluate(model)})
-                state["eval_s"] += time.perf_counter() - t0
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.3g}", refresh=False)
-            if checkpoint_every > 0 and state["step"] % checkpoint_every == 0 and step != last:
-                state["cpu_s"] += time.process_time() - cpu0
-                cpu0 = time.process_time()
-                offset = log.flush()
-                atomic_torch_save(ckpt_path, {
-                    "model": model.state_dict(), "optimizer": opt.state_dict(), "monitor": monitor.state_dict(),
-                    "state": state, "rng": rng_state(device), "metrics_offset": offset})
-        log.flush()
-        state["cpu_s"] += time.process_time() - cpu0
-    finally:
-        log.close()
-        monitor.remove()
-    if save_weights:
-        atomic_torch_save(run_dir / "final.pt", model.state_dict())
-    records = read_jsonl(metrics_path)
-    summary = task.summarize(spec, records, dict(state))
-    summary.update({"run_id": spec.run_id, "spec": dataclasses.asdict(spec), "state": state})
-    atomic_write_json(summary_path, summary)
-    with contextlib.suppress(FileNotFoundError):
-        ckpt_path.unlink()
-    return summary
+def describe_data(source) -> str:
+    """One line for a task's data_source: its description and, where measured, the pixel statistics."""
+    if not isinstance(source, dict):
+        return str(source)
+    text = str(source.get("description", source))
+    st = source.get("statistics")
+    if st:
+        text += (f"; pixels: neighbour correlation {st['neighbour_correlation']:.3f}, difference excess kurtosis "
+                 f"{st['difference_kurtosis']:.3g}, channel mean {', '.join(f'{v:.3g}' for v in st['channel_mean'])}, "
+                 f"channel std {', '.join(f'{v:.3g}' for v in st['channel_std'])}")
+    return text
 
 
 def format_table(headers: List[str], rows: List[List[Any]]) -> str:

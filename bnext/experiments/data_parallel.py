@@ -14,7 +14,7 @@ What is measured on what:
   * landscape measurements (ICS, line probes, curvature), Theorem 4.1 and the activation histograms
     of a measured step: the GLOBAL batch, on rank 0. Every rank builds the same global batch
     (VGGTask.batch is a function of the seed and the step), so nothing needs to be gathered: rank 0
-    runs the single-process measurement (MeasuredTask.measure) on the unwrapped model (DDP.module:
+    runs the single-process measurement (train.measure_landscape) on the unwrapped model (DDP.module:
     no DDP hook fires) with synchronization switched off (bnext.distributed.sync_disabled: a synced
     layer on the global batch split across ranks equals the unsynced layer on the whole batch), then
     one extra forward/backward of a deep copy of the model on the global batch gives Theorem 4.1
@@ -71,7 +71,6 @@ class DataParallelTask:
         self.task, self.device, self.dist = task, device, dist
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.data_source = task.data_source
-        self.landscape_ok = False
 
     # --- model
     def build_model(self, spec):
@@ -143,6 +142,7 @@ class DataParallelTask:
     def measure(self, model, batch, spec, step):
         from bnext.distributed import sync_disabled
         from .common import rng_preserved
+        from .train import measure_landscape
         rec, error = {"missing": [ON_RANK0]}, None
         if self.rank == 0:
             try:
@@ -150,7 +150,7 @@ class DataParallelTask:
                 with sync_disabled(net):
                     with rng_preserved(self.device):  # its noise: that of the training forward of one process
                         extra = self._global_pass(net, batch.global_batch, spec)
-                    rec = self.task.measure(net, batch.global_batch, spec, step)
+                    rec = measure_landscape(self.task.cfg, self.task, net, batch.global_batch, spec)
                     rec.update(extra)
             except Exception as e:  # the other ranks must learn of it, or they would wait in a collective
                 error = e
@@ -164,6 +164,7 @@ class DataParallelTask:
     def _global_pass(self, net, batch, spec):
         """A forward (and for BN runs backward) of a deep copy of `net` (synchronization off) on the
         global batch: the activation histograms and Theorem 4.1 of this step."""
+        from . import measure
         from .common import ActivationMonitor
         twin = copy.deepcopy(net)
         twin.train()
@@ -171,7 +172,8 @@ class DataParallelTask:
         monitor = ActivationMonitor(self.task.monitor_points(twin), self.task.hist_points(twin))
         try:
             monitor.active = monitor.capture = True
-            tracker = self.task.before_forward(twin, spec)
+            # Theorem 4.1 on BN runs, as the single-process run records it on its training backward
+            tracker = measure.start_theorem41(twin) if spec.norm == "bn" else None
             loss = self.task.loss_fn(twin, batch)
             monitor.active = monitor.capture = False
             _, hists = monitor.take()
@@ -181,16 +183,7 @@ class DataParallelTask:
         if tracker is not None:
             if torch.isfinite(loss).item():
                 loss.backward()
-                out.update(self.task.after_backward(twin, tracker))
+                out["thm41"] = measure.theorem41(twin, tracker)
             else:  # the single-process run records nothing either when the loss is not finite
                 tracker.remove()
         return out
-
-    def before_forward(self, model, spec):
-        return None  # Theorem 4.1 is taken in measure(), on the global batch
-
-    def after_backward(self, model, tracker):
-        return {}
-
-    def summarize(self, spec, records, state):
-        return self.task.summarize(spec, records, state)

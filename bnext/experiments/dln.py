@@ -1,4 +1,4 @@
-"""python -m bnext.experiments.dln: the paper's deep linear network (PAPER.md "DLN").
+"""python -m bnext.experiments.dln: the paper's deep linear network (PROTOCOL.md "DLN").
 
 25 square 10x10 linear layers, loss ||W_25...W_1 X - A X||^2 (summed over outputs and over the 1,000
 Gaussian points, the paper's formula; --loss-reduction mean averages over points instead), full-batch gradient descent, Glorot init, with and without BatchNorm after every
@@ -11,79 +11,55 @@ ICS and landscape figures and report.md with the DLN claims rows.
 """
 import dataclasses
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 
-from . import analysis, figures, measure
-from .common import RunSpec
-from .config import log_grid, option, parse_config
+from . import analysis, figures
+from .common import RunSpec, describe_data
+from .config import BaseConfig, option, parse_config
 from .models import NORMS, build_dln, named_points
 from .runner import Experiment, execute
 
 
 @dataclasses.dataclass
-class DLNConfig:
-    preset: str = option("quick", "preset name")
-    norms: List[str] = option(["none", "bn", "l1", "l2", "linf"], "normalizations (bnext.nn.convert targets)")
-    lrs: List[float] = option([1e-6], "learning rates of the main grid (paper: 1e-6)")
-    ics_lrs: List[float] = option([1e-7], "extra learning rates run for --ics-norms only (paper Fig 3: 1e-6 and 1e-7)")
-    ics_norms: List[str] = option(["none", "bn"], "normalizations run at the extra --ics-lrs")
-    ref_lr: float = option(1e-6, "LR whose runs the landscape figure and claims use")
-    seeds: List[int] = option([0], "seeds (weights; the data uses --data-seed)")
-    steps: int = option(4000, "gradient-descent steps (paper: 10000)")
+class DLNConfig(BaseConfig):
+    """BaseConfig plus the deep linear network's own options."""
+    NAME: ClassVar[str] = "dln"
+    NORMS: ClassVar[Tuple[str, ...]] = NORMS
     depth: int = option(25, "linear layers (paper: 25)")
     dim: int = option(10, "width of every layer (paper: 10)")
     points: int = option(1000, "data points x (paper: 1000)")
     data_seed: int = option(0, "seed of A and x")
     loss_reduction: str = option("sum", "how the squared error combines the points: sum (the paper's ||W X - A X||^2, "
-                                        "for which its LRs 1e-6/1e-7 are sized) or mean (PAPER.md's [choice]; at "
+                                        "for which its LRs 1e-6/1e-7 are sized) or mean (PROTOCOL.md's [choice]; at "
                                         "those LRs a mean loss barely moves in 10,000 steps)", choices=["sum", "mean"])
-    init: str = option("glorot", "weight init: glorot or torch", choices=["glorot", "torch"])
-    momentum: float = option(0.0, "momentum ([choice]: plain gradient descent)")
-    weight_decay: float = option(0.0, "weight decay ([choice]: none)")
-    measure_every: int = option(200, "steps between measurements (0: never) [choice: K]")
-    probe_etas: List[float] = option([0.01, 30.0], "line-probe step sizes as multiples of the LR: two values = a "
-                                                   "log grid of --probe-points between them, more = the list itself")
-    probe_points: int = option(8, "points of the line-probe log grid [choice: 8]")
-    ics_layers: List[int] = option([9, 17], "layers shown in the ICS figure (all layers are measured)")
-    hist_layers: List[int] = option([9, 17], "layers (1-based) whose activation histograms are recorded at each "
-                                             "measurement (the per-step drift covers every layer)")
-    curvature: bool = option(False, "also record the top Hessian eigenvalue at each measurement")
-    curvature_iters: int = option(20, "power iterations for the Hessian eigenvalue")
-    device: str = option("cpu", "cpu, cuda, cuda:N or auto (tiny tensors: CPU is faster)")
-    threads: Optional[int] = option(1, "CPU threads per process (tiny tensors: 1 is fastest)")
-    procs: int = option(2, "local processes sharing the grid (relaunches under torchrun; 1: this process)")
-    tune_allocator: bool = option(True, "call bnext.tune_cpu_allocator() on CPU")
-    checkpoint_every: int = option(1000, "steps between checkpoints (0: none)")
-    out: Optional[str] = option(None, "output directory (default runs/dln-<preset>)")
-    progress: bool = option(True, "tqdm progress bars")
-    save_weights: bool = option(False, "keep each run's final weights as runs/<run>/final.pt")
 
     def validate(self):
-        bad = [n for n in self.norms + self.ics_norms if n not in NORMS]
-        if bad:
-            raise ValueError(f"unknown normalization(s) {bad}; choose from {list(NORMS)}")
-        if any(lr <= 0 for lr in self.lrs + self.ics_lrs):
-            raise ValueError("learning rates must be positive")
-        if self.steps < 1 or self.depth < 2 or self.dim < 1 or self.points < 2:
-            raise ValueError("--steps >= 1, --depth >= 2, --dim >= 1, --points >= 2 are required")
+        super().validate()
+        if self.depth < 2 or self.dim < 1 or self.points < 2:
+            raise ValueError("--depth >= 2, --dim >= 1 and --points >= 2 are required")
+        if self.eval_every:
+            raise ValueError("--eval-every: the DLN task has no test set (use 0)")
+        if self.data_parallel:
+            raise ValueError("--data-parallel: only the VGG experiment trains a run on several processes")
+        if self.hist_layers is None:
+            self.hist_layers = [k for k in (9, 17) if k < self.depth]
+        if self.ics_layers is None:
+            self.ics_layers = [k for k in (9, 17) if k <= self.depth]
         if any(not 1 <= k <= self.depth for k in self.ics_layers):
             raise ValueError(f"--ics-layers must be in 1..{self.depth}")
         if any(not 1 <= k < self.depth for k in self.hist_layers):
             raise ValueError(f"--hist-layers must be in 1..{self.depth - 1} (the last layer has no normalization)")
-        if len(self.probe_etas) < 2 or any(e <= 0 for e in self.probe_etas):
-            raise ValueError("--probe-etas needs at least two positive multipliers")
-        if self.out is None:
-            self.out = f"runs/dln-{self.preset}"
-
-    def eta_multipliers(self) -> List[float]:
-        if len(self.probe_etas) == 2:
-            return log_grid(self.probe_etas[0], self.probe_etas[1], self.probe_points)
-        return list(self.probe_etas)
 
 
-PRESETS: Dict[str, Dict[str, Any]] = {"quick": {}, "paper": {"steps": 10000, "measure_every": 500}}
+QUICK: Dict[str, Any] = {
+    "norms": ["none", "bn", "l1", "l2", "linf"], "lrs": [1e-6], "ics_lrs": [1e-7], "ref_lr": 1e-6, "seeds": [0, 1],
+    "steps": 4000, "measure_every": 200, "probe_etas": [0.01, 30.0], "device": "cpu", "threads": 1,
+    "checkpoint_every": 1000,
+}
+PRESETS: Dict[str, Dict[str, Any]] = {"quick": QUICK, "paper": {"seeds": [0, 1, 2], "steps": 10000,
+                                                                "measure_every": 500}}
 
 
 def squared_error(reduction: str):
@@ -96,16 +72,18 @@ def squared_error(reduction: str):
     return loss
 
 
-class DLNTask(measure.MeasuredTask):
-    def __init__(self, cfg: DLNConfig, device: torch.device, say=print):
+class DLNTask:
+    """The deep linear network's regression task: full-batch data on the device, the model, the loss."""
+
+    def __init__(self, cfg: DLNConfig, device: torch.device):
         self.cfg, self.device = cfg, device
         g = torch.Generator().manual_seed(cfg.data_seed)
         A = torch.randn(cfg.dim, cfg.dim, generator=g)
         x = torch.randn(cfg.points, cfg.dim, generator=g)
         self.data = (x.to(device), (x @ A.T).to(device))
-        self.data_source = (f"synthetic deep-linear-network task: x ~ N(0, I) ({cfg.points} points, dim {cfg.dim}), "
-                            f"targets A x with A ~ N(0, 1) entries (data seed {cfg.data_seed})")
-        self.landscape_ok, self.landscape_why = measure.landscape_available()
+        self.data_source = {"description": f"synthetic deep-linear-network task: x ~ N(0, I) ({cfg.points} points, "
+                                           f"dim {cfg.dim}), targets A x with A ~ N(0, 1) entries (data seed "
+                                           f"{cfg.data_seed})", "name": "dln"}
         self.loss_fn = squared_error(cfg.loss_reduction)
 
     def build_model(self, spec: RunSpec):
@@ -150,10 +128,10 @@ DLN_COLUMNS = [("run", "run_id"), ("steps", "steps_done"), ("diverged at", "dive
 def _loss_note(cfg: DLNConfig) -> str:
     if cfg.loss_reduction == "sum":
         return ("Loss: squared error summed over outputs and over all points (the paper's ||W X - A X||^2). "
-                "PAPER.md's [choice] averages over points; at the paper's LRs that makes every step 1/points as "
+                "PROTOCOL.md's [choice] averages over points; at the paper's LRs that makes every step 1/points as "
                 "large, and the networks barely move (e.g. 104.7 -> 101.1 for the plain network in 4,000 steps at "
                 "LR 1e-6): rerun with --loss-reduction mean to see it.")
-    return ("Loss: squared error summed over outputs, averaged over points (PAPER.md's [choice]); with the paper's "
+    return ("Loss: squared error summed over outputs, averaged over points (PROTOCOL.md's [choice]); with the paper's "
             "LRs this is 1/points of the paper's step: expect little training.")
 
 
@@ -189,7 +167,7 @@ def make_report(ctx) -> tuple:
         add(figures.curvature(runs, cfg.norms, ref, out / "dln_curvature.png", "DLN: top Hessian eigenvalue"),
             "DLN: top Hessian eigenvalue")
     text = write_report(out / "report.md", title="How does BatchNorm help optimization? Deep linear network",
-                        command=ctx["command"], env=ctx["env"], data_source=ctx["data_source"],
+                        command=ctx["command"], env=ctx["env"], data_source=describe_data(ctx["data_source"]),
                         settings={k: getattr(cfg, k) for k in ("preset", "depth", "dim", "points", "loss_reduction", "steps",
                                                               "measure_every", "seeds")},
                         claims=claims, summaries=ctx["summaries"], missing=ctx["missing"], failed=ctx["failed"],

@@ -1,21 +1,11 @@
 """The experiments' only contact with bnext.landscape (ICS, line probes, curvature, Theorem 4.1).
 
-Each function returns plain JSON-able numbers for metrics.jsonl. If bnext.landscape is not
-importable in this build, `landscape_available()` says why and the runner records the
-measurements as missing instead of faking them.
+Each function returns plain JSON-able numbers for metrics.jsonl; train.run_one calls them.
 """
 import math
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
-
-
-def landscape_available():
-    try:
-        from bnext import landscape  # noqa: F401
-    except ImportError as e:
-        return False, f"bnext.landscape is not available: {e}"
-    return True, ""
 
 
 def _finite(v) -> Optional[float]:
@@ -74,30 +64,3 @@ def theorem41(model, tracker) -> Optional[Dict[str, Any]]:
             paper = max(paper, float(((r.lhs - r.rhs_paper).abs()[keep] / scale[keep]).max()))
     return {"max_rel_err": _finite(worst), "max_rel_err_paper_form": _finite(paper), "layers": len(res),
             "channels": sum(int(r.lhs.numel()) for r in res.values())}
-
-
-class MeasuredTask:
-    """What the VGG and DLN tasks measure alike. A task sets self.cfg (eta_multipliers(), curvature,
-    curvature_iters), self.landscape_ok/_why (landscape_available()) and defines loss_fn(model, batch) and
-    ics_layers(model) (the module names whose weights Definition 2.1 is measured on)."""
-
-    def measure(self, model, batch, spec, step: int) -> Dict[str, Any]:
-        if not self.landscape_ok:
-            return {"missing": [self.landscape_why]}
-        model.train()
-        rec: Dict[str, Any] = {"ics": ics(model, self.loss_fn, batch, spec.lr, self.ics_layers(model))}
-        rec["probe"] = line_probe(model, self.loss_fn, batch, [m * spec.lr for m in self.cfg.eta_multipliers()])
-        if self.cfg.curvature:
-            rec["hessian_top"] = hessian_top(model, self.loss_fn, batch, self.cfg.curvature_iters)
-        return rec
-
-    def before_forward(self, model, spec):
-        # Theorem 4.1 concerns BatchNorm itself: recorded in the BN runs, on the training step's own backward.
-        return start_theorem41(model) if self.landscape_ok and spec.norm == "bn" else None
-
-    def after_backward(self, model, tracker) -> Dict[str, Any]:
-        return {} if tracker is None else {"thm41": theorem41(model, tracker)}
-
-    def summarize(self, spec, records, state):
-        from . import analysis
-        return analysis.summarize_run(records, state, spec.steps)

@@ -1,8 +1,10 @@
 """The paper's two networks, built with torch layers and converted by bnext.nn.convert(model, to=norm).
 
-VGG (PAPER.md [choice]): the VGG-16 layout, conv widths 64,64,M,128,128,M,256x3,M,512x3,M,512x3,M times a
-width multiplier, each conv followed by a normalization layer then ReLU (conv -> norm -> ReLU), and a
-linear classifier on the 1x1 feature map. Layer #k is the k-th conv layer (1-based).
+VGG (PROTOCOL.md [choice]): the VGG-11/13/16/19 layouts (the paper: VGG-16, conv widths
+64,64,M,128,128,M,256x3,M,512x3,M,512x3,M) times a width multiplier, each conv followed by a
+normalization layer then ReLU (conv -> norm -> ReLU), and a linear classifier on the 1x1 feature map.
+Layer #k is the k-th conv layer (1-based). The paper numbers VGG-16's layers; `paper_layer` says which
+layer of another depth stands for one of them (same block, same relative place in it).
 
 DLN: 25 square linear layers without bias, y = W_25 ... W_1 x, with a normalization layer after every
 linear layer but the last ([choice]).
@@ -11,7 +13,7 @@ Initialization: Glorot (Xavier) uniform for every conv/linear weight, zero biase
 torch's default ("torch").
 """
 from collections import OrderedDict
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -23,19 +25,34 @@ NORMS = ("none", "bn", "noisy_bn", "l1", "l2", "linf")
 # (PAPER.md claim 2, second half: "the same noise prevents a plain network from training").
 PLAIN_NOISE = "noise"
 VGG_NORMS = NORMS + (PLAIN_NOISE,)
-VGG16_LAYOUT = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+# convs per block (5 blocks of 64, 128, 256, 512, 512 channels, each ending in a 2x2 max-pool)
+VGG_BLOCKS = {"vgg11": (1, 1, 2, 2, 2), "vgg13": (2, 2, 2, 2, 2), "vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
+VGG_CHANNELS = (64, 128, 256, 512, 512)
 
 
-def norm_available(norm: str) -> Tuple[bool, str]:
-    """Whether bnext.nn.convert supports `norm` in this bnext build, and if not, its error message."""
-    if norm == PLAIN_NOISE:
-        return True, ""  # torch ops only
-    try:
-        bnext.nn.convert(nn.Sequential(nn.BatchNorm2d(2)), to=norm)
-        bnext.nn.convert(nn.Sequential(nn.BatchNorm1d(2)), to=norm)
-    except (ValueError, NotImplementedError, KeyError, TypeError) as e:
-        return False, f"{type(e).__name__}: {e}"
-    return True, ""
+def vgg_layout(arch: str) -> List:
+    """The conv widths and max-pools ("M") of a VGG depth, e.g. vgg16 -> 64, 64, M, 128, 128, M, ..."""
+    if arch not in VGG_BLOCKS:
+        raise ValueError(f"arch must be one of {sorted(VGG_BLOCKS)}, got {arch!r}")
+    out = []
+    for n, c in zip(VGG_BLOCKS[arch], VGG_CHANNELS):
+        out += [c] * n + ["M"]
+    return out
+
+
+def paper_layer(k: int, arch: str) -> int:
+    """The conv layer of `arch` standing for the paper's VGG-16 layer #k: the same block, at the same
+    relative position inside it (first -> first, last -> last, middle rounded to even). For vgg11 the
+    paper's #2, #3, #5, #9, #10, #11, #13 are #1, #2, #3, #5, #6, #7, #8."""
+    ref, own = VGG_BLOCKS["vgg16"], VGG_BLOCKS[arch]
+    if not 1 <= k <= sum(ref):
+        raise ValueError(f"the paper's VGG-16 has conv layers 1..{sum(ref)}, got {k}")
+    block, i = 0, k - 1
+    while i >= ref[block]:
+        i -= ref[block]
+        block += 1
+    j = round(i * (own[block] - 1) / (ref[block] - 1))
+    return sum(own[:block]) + j + 1
 
 
 def init_weights(model: nn.Module, scheme: str) -> None:
@@ -51,12 +68,12 @@ def init_weights(model: nn.Module, scheme: str) -> None:
 
 
 class VGG(nn.Module):
-    """VGG-16 layout for 32x32 inputs: features (blocks conv/norm/relu and max-pools) + linear classifier."""
+    """A VGG layout for 32x32 inputs: features (blocks conv/norm/relu and max-pools) + linear classifier."""
 
-    def __init__(self, width: float = 1.0, num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, width: float = 1.0, num_classes: int = 10, in_channels: int = 3, arch: str = "vgg16"):
         super().__init__()
         layers, c, k = [], in_channels, 0
-        for v in VGG16_LAYOUT:
+        for v in vgg_layout(arch):
             if v == "M":
                 layers.append(nn.MaxPool2d(2))
                 continue
@@ -103,8 +120,8 @@ class ChannelNoise(nn.Module):
                 f"noise_mean_spread={self.noise_mean_spread}, noise_std_spread={self.noise_std_spread}")
 
 
-def build_vgg(norm: str, width: float, init: str = "glorot", num_classes: int = 10) -> VGG:
-    model = VGG(width, num_classes)
+def build_vgg(norm: str, width: float, init: str = "glorot", num_classes: int = 10, arch: str = "vgg16") -> VGG:
+    model = VGG(width, num_classes, arch=arch)
     init_weights(model, init)
     if norm == PLAIN_NOISE:
         model = bnext.nn.convert(model, to="none")
@@ -115,7 +132,7 @@ def build_vgg(norm: str, width: float, init: str = "glorot", num_classes: int = 
 
 
 def vgg_layer_names(model: VGG) -> Dict[str, List[str]]:
-    """Module names of the conv layers (#1..#13) and of the normalization outputs in the same order."""
+    """Module names of the conv layers (#1, #2, ...) and of the normalization outputs in the same order."""
     convs, norms = [], []
     for name, m in model.named_modules():
         if name.endswith(".conv"):

@@ -1,6 +1,6 @@
-"""The grid driver shared by vgg.py and dln.py: set up the process, run this rank's share of the grid
-(resuming what was interrupted, skipping what is finished), then on rank 0 write summary.json, the
-figures and report.md, and print the summary table.
+"""The grid driver shared by vgg.py and dln.py: check the data, set up the process, run this rank's share
+of the grid with train.run_one (resuming what was interrupted, skipping what is finished), then on rank 0
+write summary.json, the figures and report.md, and print the summary table.
 """
 import dataclasses
 import json
@@ -12,12 +12,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-import torch
-
-from . import analysis, common
+from . import analysis, common, train
 from .common import Dist, RunSpec
-from .models import norm_available
-from .measure import landscape_available
 
 # Options that may change between invocations on the same --out: they select runs or the machine, not
 # what a run computes.
@@ -29,12 +25,84 @@ FREE_KEYS = {"procs", "preset", "norms", "lrs", "seeds", "ics_lrs", "ics_norms",
 class Experiment:
     """What an experiment module hands to `execute`."""
     name: str                                   # "vgg" or "dln"
-    cfg: Any                                    # its config dataclass
-    make_task: Callable                         # (cfg, device, say) -> task with .data_source
+    cfg: Any                                    # its config (a config.BaseConfig)
+    make_task: Callable                         # (cfg, device) -> task (train.Task) with .data_source
     specs: Callable                             # cfg -> list[RunSpec]
-    report: Callable                            # (ctx dict) -> (claims, figures, text)
+    report: Callable                            # (report context) -> (claims, figures, text)
     argv: List[str]
     columns: Optional[list] = None              # run-table columns (report.RUN_COLUMNS by default)
+    check: Optional[Callable] = None            # cfg -> None, raises DataError: run before any worker starts
+
+
+class Progress:
+    """What a person watching sees of the runs. On a terminal: tqdm bars (grid and current run). Elsewhere
+    (a log file, CI), where tqdm would write a control-character line per step: one plain line when a run
+    starts and when it ends and, with --progress, a line at each quarter of its steps."""
+
+    def __init__(self, enabled: bool, rank: int, world: int, total: int, stream=None):
+        self.stream = stream or sys.stdout
+        self.prefix = f"[rank {rank}] " if world > 1 else ""
+        self.total, self.done, self.enabled = total, 0, enabled
+        self.lines = not self.stream.isatty()
+        self.grid_bar = self.run_bar = None
+        if enabled and not self.lines:
+            from tqdm.auto import tqdm
+            self.grid_bar = tqdm(desc=self.prefix + "grid", unit="run", total=total, position=2 * rank,
+                                 leave=True, dynamic_ncols=True)
+            self.run_bar = tqdm(desc=self.prefix + "run", unit="step", position=2 * rank + 1, leave=False,
+                                dynamic_ncols=True)
+
+    def _say(self, text: str) -> None:
+        print(f"{self.prefix}[{self.done + 1}/{self.total}] {self.run_id}: {text}", file=self.stream, flush=True)
+
+    def start_run(self, spec: RunSpec, step: int) -> None:
+        self.run_id, self.steps, self.t0, self.step0 = spec.run_id, spec.steps, time.perf_counter(), step
+        self.marks = {spec.steps * q // 4 for q in (1, 2, 3)} - {0}
+        if self.run_bar is not None:
+            self.run_bar.reset(total=spec.steps)
+            self.run_bar.update(step)
+            self.run_bar.set_description(spec.run_id)
+        elif self.lines:
+            self._say(f"start at step {step} of {spec.steps} (resumed)" if step else f"start ({spec.steps} steps)")
+
+    def step(self, step: int, loss: float) -> None:
+        if self.run_bar is not None:
+            self.run_bar.update(1)
+            self.run_bar.set_postfix(loss=f"{loss:.3g}", refresh=False)
+        elif self.lines and self.enabled and step in self.marks:
+            rate = (step - self.step0) / max(time.perf_counter() - self.t0, 1e-9)
+            self._say(f"step {step}/{self.steps}, loss {loss:.4g}, {rate:.3g} steps/s")
+
+    def end_run(self, summary: Dict[str, Any]) -> None:
+        if not self.lines:
+            return
+        if summary.get("diverged"):
+            what = f"diverged at step {summary.get('diverged_step')}"
+        else:
+            what = f"final loss {_num(summary.get('final_loss'))} (initial {_num(summary.get('initial_loss'))})"
+            if summary.get("test_acc") is not None:
+                what += f", test accuracy {summary['test_acc']:.3f}"
+        self._say(f"done in {time.perf_counter() - self.t0:.0f} s: {what}")
+
+    def next_run(self) -> None:
+        self.done += 1
+        if self.grid_bar is not None:
+            self.grid_bar.update(1)
+
+    def close(self) -> None:
+        for bar in (self.run_bar, self.grid_bar):
+            if bar is not None:
+                bar.close()
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def user_error(e: Exception) -> int:
+    """A problem the user can fix (missing or corrupt data, an unsafe pickle): one line, exit status 2."""
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
 
 
 def _check_config(out: Path, cfg_dict: Dict[str, Any]) -> None:
@@ -51,30 +119,28 @@ def _check_config(out: Path, cfg_dict: Dict[str, Any]) -> None:
                          "Use another --out, or delete that directory to start over.")
 
 
-def _bars(enabled: bool, rank: int):
-    if not enabled:
-        return None, None
-    from tqdm.auto import tqdm
-    prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    grid = tqdm(desc=prefix + "grid", unit="run", position=2 * rank, leave=True, dynamic_ncols=True)
-    run = tqdm(desc=prefix + "run", unit="step", position=2 * rank + 1, leave=False, dynamic_ncols=True)
-    return grid, run
-
-
 def execute(exp: Experiment) -> int:
-    """Runs the experiment; returns the process exit code. With --procs N > 1 outside torchrun, relaunches
-    itself under torchrun with N local processes (the grid's runs are shared out among them)."""
+    """Runs the experiment; returns the process exit code (2: a user error, reported in one line).
+    With --procs N > 1 outside torchrun, checks the data, then relaunches itself under torchrun with N
+    local processes (the grid's runs are shared out among them)."""
+    from bnext.data import DataError
     cfg = exp.cfg
-    procs = getattr(cfg, "procs", 1)
-    if procs > 1 and "WORLD_SIZE" not in os.environ:
+    try:
+        if exp.check is not None and "WORLD_SIZE" not in os.environ:
+            exp.check(cfg)  # a data problem is one line here, not one traceback per worker
+    except DataError as e:
+        return user_error(e)
+    if cfg.procs > 1 and "WORLD_SIZE" not in os.environ:
         import subprocess
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.procs}",
                "-m", f"bnext.experiments.{exp.name}"] + list(exp.argv)
-        print(f"launching {procs} processes: {' '.join(cmd[1:])}", flush=True)
+        print(f"launching {cfg.procs} processes: {' '.join(cmd[1:])}", flush=True)
         return subprocess.call(cmd)
     dist = common.init_distributed(cfg.device)
     try:
         return _execute(exp, dist)
+    except DataError as e:  # launched by torchrun directly: every rank says it, in one line each
+        return user_error(e)
     except KeyboardInterrupt:
         print("\ninterrupted: finished runs and the last checkpoint of the current run are kept; "
               "rerun the same command to continue.", file=sys.stderr)
@@ -98,62 +164,43 @@ def _execute(exp: Experiment, dist: Dist) -> int:
     common.barrier(dist)
 
     t_start = time.perf_counter()
-    task = exp.make_task(cfg, device, say)
-    data_parallel = getattr(cfg, "data_parallel", False)
-    if data_parallel:  # every run on all ranks together: DDP + synchronized normalization
+    task = exp.make_task(cfg, device)
+    if cfg.data_parallel:  # every run on all ranks together: DDP + synchronized normalization
         from . import data_parallel as dp
         task = dp.DataParallelTask(task, device)
         say(f"data-parallel: each run on {dist.world} processes; {dp.MEASURED}")
-    say(f"data: {task.data_source}")
+    say(f"data: {common.describe_data(task.data_source)}")
     say(f"device: {device} ({env['device_name']}), bnext {env['bnext']} {env['bnext_kernels_ran']} kernels, "
         f"torch {env['torch']}, {cpu['threads']} threads, allocator tuned: {cpu['allocator_tuned']}"
         + (f", {dist.world} processes" if dist.world > 1 else ""))
-    ok, why = landscape_available()
-    if not ok:
-        say(f"WARNING: {why}; ICS, line probes, curvature and Theorem 4.1 will be recorded as missing.")
     specs: List[RunSpec] = exp.specs(cfg)
-    missing = {}
-    for norm in dict.fromkeys(s.norm for s in specs):
-        avail, reason = norm_available(norm)
-        if not avail:
-            missing[norm] = reason
-            say(f"WARNING: normalization {norm!r} is not available in this bnext build ({reason}); its runs are skipped.")
-    runnable = [s for s in specs if s.norm not in missing]
     if dist.main:
         common.atomic_write_json(out / "config.json", {"config": cfg_dict, "command": _command(exp),
                                                       "environment": env, "data_source": task.data_source,
-                                                      "runs": [s.run_id for s in specs],
-                                                      "missing_norms": missing})
-    mine = runnable if data_parallel else assign(runnable, dist.world)[dist.rank]
-    grid_bar, run_bar = _bars(cfg.progress, dist.rank)
-    if grid_bar is not None:
-        grid_bar.reset(total=len(mine))
+                                                      "runs": [s.run_id for s in specs]})
+    mine = specs if cfg.data_parallel else assign(specs, dist.world)[dist.rank]
+    progress = Progress(cfg.progress, dist.rank, dist.world, len(mine))
     failed = {}
-    for spec in mine:
-        run_dir = dp.run_dir(out, spec.run_id, dist.rank) if data_parallel else out / "runs" / spec.run_id
-        try:
-            common.train_run(task, spec, run_dir, device=device, measure_every=cfg.measure_every,
-                             eval_every=getattr(cfg, "eval_every", 0), checkpoint_every=cfg.checkpoint_every,
-                             momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                             bar=run_bar, save_weights=cfg.save_weights,
-                             interrupt_at=getattr(cfg, "_interrupt_at", None))
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # a broken run is reported, the grid goes on
-            failed[spec.run_id] = f"{type(e).__name__}: {e}"
-            common.atomic_write_text(run_dir / "error.txt", traceback.format_exc())
-            say(f"ERROR in run {spec.run_id}: {type(e).__name__}: {e} (traceback in {run_dir / 'error.txt'})")
-        if grid_bar is not None:
-            grid_bar.update(1)
-    for bar in (run_bar, grid_bar):
-        if bar is not None:
-            bar.close()
+    try:
+        for spec in mine:
+            run_dir = dp.run_dir(out, spec.run_id, dist.rank) if cfg.data_parallel else out / "runs" / spec.run_id
+            try:
+                train.run_one(cfg, spec, run_dir, task, device, progress)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # a broken run is reported, the grid goes on
+                failed[spec.run_id] = f"{type(e).__name__}: {e}"
+                common.atomic_write_text(run_dir / "error.txt", traceback.format_exc())
+                say(f"ERROR in run {spec.run_id}: {type(e).__name__}: {e} (traceback in {run_dir / 'error.txt'})")
+            progress.next_run()
+    finally:
+        progress.close()
     common.barrier(dist)
     if not dist.main:
         return 0
     # ---- rank 0: everything on disk -> summary.json, figures, report.md
     summaries, records = [], {}
-    for spec in runnable:
+    for spec in specs:
         d = out / "runs" / spec.run_id
         if (d / "summary.json").exists():
             with open(d / "summary.json") as f:
@@ -163,7 +210,7 @@ def _execute(exp: Experiment, dist: Dist) -> int:
             err = d / "error.txt"
             failed[spec.run_id] = ("failed on another rank: " + err.read_text().strip().splitlines()[-1]
                                    if err.exists() else "did not finish")
-    grid = analysis.Grid(summaries, missing)
+    grid = analysis.Grid(summaries, {})
     sps = sorted(s["steps_per_s"] for s in summaries if s.get("steps_per_s"))
     spm = sorted(s["steps_per_s_with_measurement"] for s in summaries
                  if s.get("steps_per_s_with_measurement") and s["spec"]["measure"])
@@ -173,13 +220,13 @@ def _execute(exp: Experiment, dist: Dist) -> int:
               "runs_wall_s": sum(s.get("wall_s") or 0.0 for s in summaries),
               "steps_per_s": sps[len(sps) // 2] if sps else None,
               "steps_per_s_measured": spm[len(spm) // 2] if spm else None}
-    ctx = dict(cfg=cfg, out=out, grid=grid, records=records, summaries=summaries, missing=missing, failed=failed,
+    # the fields of report.ReportContext, which accepts this dict (ReportContext.coerce)
+    ctx = dict(cfg=cfg, out=out, grid=grid, records=records, summaries=summaries, missing={}, failed=failed,
                env=env, data_source=task.data_source, timing=timing, command=_command(exp))
     claims, figures, _ = exp.report(ctx)
     common.atomic_write_json(out / "summary.json", {
         "config": cfg_dict, "environment": env, "data_source": task.data_source, "timing": timing,
-        "missing_norms": missing, "failed_runs": failed,
-        "claims": [dataclasses.asdict(c) for c in claims], "runs": summaries})
+        "failed_runs": failed, "claims": [dataclasses.asdict(c) for c in claims], "runs": summaries})
     from .report import RUN_COLUMNS, run_rows
     cols = (exp.columns or RUN_COLUMNS)[:10]
     print()
@@ -188,7 +235,7 @@ def _execute(exp: Experiment, dist: Dist) -> int:
     print(common.format_table(["claim", "verdict", "measured"],
                               [[c.id, c.verdict, c.measured[:150] + ("..." if len(c.measured) > 150 else "")]
                                for c in claims]))
-    print(f"\nreport: {out / 'report.md'} ({len(figures)} figures); data: {task.data_source}")
+    print(f"\nreport: {out / 'report.md'} ({len(figures)} figures); data: {common.describe_data(task.data_source)}")
     print(f"total time: {time.perf_counter() - t_start:.0f} s")
     return 1 if failed else 0
 

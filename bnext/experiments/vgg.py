@@ -3,7 +3,7 @@
 Trains the grid norms x lrs x seeds (plus the ICS learning rates for none/BN), measuring every
 --measure-every steps: ICS of every conv layer, line probes along the gradient, activation histograms,
 the Theorem 4.1 identity; per step: loss, accuracy and each layer's activation mean/variance change.
-Then writes the paper's figures and report.md with the claims table. See ../shared/PAPER.md.
+Then writes the paper's figures and report.md with the claims table. See PROTOCOL.md.
 
     python -m bnext.experiments.vgg                      # quick preset: everything, <= 15 min on 2 CPU cores
     python -m bnext.experiments.vgg --preset paper       # the paper's protocol (GPU)
@@ -13,124 +13,108 @@ Then writes the paper's figures and report.md with the claims table. See ../shar
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from . import analysis, figures, measure
-from .common import RunSpec
-from .config import log_grid, option, parse_config
-from .models import NORMS, PLAIN_NOISE, VGG_NORMS, build_vgg, named_points, vgg_layer_names
+from . import analysis, figures
+from .common import RunSpec, describe_data
+from .config import BaseConfig, option, parse_config
+from .models import NORMS, PLAIN_NOISE, VGG_BLOCKS, VGG_NORMS, build_vgg, named_points, paper_layer, vgg_layer_names
 from .runner import Experiment, execute
 
 ALL_NORMS = list(NORMS)
+PAPER_HIST_LAYERS = (2, 3, 9, 11, 13)  # the paper's VGG-16 layers in Fig 1 (c) (#3, #11) and Fig 2 (#2, #9, #13)
+PAPER_ICS_LAYERS = (5, 10)            # Fig 3
 
 
 @dataclasses.dataclass
-class VGGConfig:
-    preset: str = option("quick", "preset name")
-    # --- grid
-    norms: List[str] = option(ALL_NORMS, "normalizations (bnext.nn.convert targets)", )
-    lrs: List[float] = option([0.1, 0.5], "learning rates of the main grid (paper Fig 1: 0.1 and 0.5)")
-    ics_lrs: List[float] = option([0.01], "extra learning rates run for --ics-norms only (paper Fig 3: 0.1 and 0.01)")
-    ics_norms: List[str] = option(["none", "bn"], "normalizations run at the extra --ics-lrs")
-    ref_lr: float = option(0.1, "LR whose runs the noisy-BN, landscape and l_p figures and claims use")
-    seeds: List[int] = option([0], "seeds (model init, batch order, noise)")
+class VGGConfig(BaseConfig):
+    """BaseConfig plus the VGG's own options (network, data, LR sweep)."""
+    NAME: ClassVar[str] = "vgg"
+    NORMS: ClassVar[Tuple[str, ...]] = VGG_NORMS
     plain_noise: bool = option(True, "also train the unnormalized network with noisy BN's noise injected after each "
                                      "conv, at --ref-lr (claim 2: the noise alone prevents a plain network from training)")
-    # --- training
-    steps: int = option(320, "training steps per run (paper: 15000)")
+    arch: str = option("vgg11", "VGG depth: vgg11/13/16/19 (8/10/13/16 conv layers; paper: vgg16). The quick "
+                                "preset's vgg11: its unnormalized network leaves its initial loss within the "
+                                "budget, VGG-16's does not (experiments README)",
+                       choices=sorted(VGG_BLOCKS))
+    width: float = option(0.125, "width multiplier (1 = the 64..512 channels of VGG)")
     batch_size: int = option(128, "batch size")
-    width: float = option(0.125, "VGG-16 width multiplier (1 = the 64..512 channels of VGG-16)")
-    init: str = option("glorot", "weight init: glorot (Xavier uniform, zero bias) or torch", choices=["glorot", "torch"])
-    momentum: float = option(0.0, "SGD momentum ([choice]: plain SGD)")
-    weight_decay: float = option(0.0, "SGD weight decay ([choice]: none)")
-    # --- data
     dataset: str = option("auto", "auto (CIFAR-10, else synthetic), cifar10 or synthetic",
                           choices=["auto", "cifar10", "synthetic"])
     data_dir: Optional[str] = option(None, "CIFAR-10 directory (default $BNEXT_DATA or ~/.cache/bnext)")
     download: bool = option(True, "download CIFAR-10 if absent")
     train_size: int = option(10000, "training images used (0: all 50000)")
     test_size: int = option(2000, "test images used (0: all 10000)")
-    # --- measurement
-    eval_every: int = option(40, "steps between test-set evaluations (0: never)")
-    measure_every: int = option(40, "steps between landscape measurements (0: never) [choice: K]")
-    probe_etas: List[float] = option([0.5, 4.0], "line-probe step sizes as multiples of the LR: two values = a "
-                                                 "log grid of --probe-points between them, more = the list itself")
-    probe_points: int = option(8, "points of the line-probe log grid [choice: 8]")
-    hist_layers: List[int] = option([2, 3, 9, 11, 13], "conv layers (1-based) whose activation histograms are recorded")
-    ics_layers: List[int] = option([5, 10], "layers shown in the ICS figure (all layers are measured)")
-    curvature: bool = option(False, "also record the top Hessian eigenvalue at each measurement")
-    curvature_iters: int = option(20, "power iterations for the Hessian eigenvalue")
     lr_sweep: bool = option(False, "also train each normalization over --sweep-lrs for --sweep-steps (no measurement)")
     sweep_lrs: List[float] = option([0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "learning rates of the LR sweep")
     sweep_steps: int = option(200, "steps per LR-sweep run")
-    # --- machine and files
-    device: str = option("auto", "auto (CUDA if present), cpu, cuda, cuda:N")
-    threads: Optional[int] = option(None, "CPU threads per process (default: torch's, or cores / local ranks)")
-    procs: int = option(2, "local processes sharing the grid (relaunches under torchrun; 1: this process). "
-                           "On CPU, 2 single-threaded processes beat 1 process x 2 threads, and degrade "
-                           "gracefully when other jobs load the cores")
-    data_parallel: bool = option(False, "train each run on all --procs processes together (DDP, normalization "
-                                        "synchronized across them; see bnext/experiments/data_parallel.py) "
-                                        "instead of sharing the grid's runs out among them")
-    tune_allocator: bool = option(True, "call bnext.tune_cpu_allocator() on CPU (see README)")
-    checkpoint_every: int = option(80, "steps between checkpoints (0: none)")
-    out: Optional[str] = option(None, "output directory (default runs/vgg-<preset>)")
-    progress: bool = option(True, "tqdm progress bars")
-    save_weights: bool = option(False, "keep each run's final weights as runs/<run>/final.pt")
 
     def validate(self):
-        bad = [n for n in self.norms + self.ics_norms if n not in VGG_NORMS]
-        if bad:
-            raise ValueError(f"unknown normalization(s) {bad}; choose from {list(VGG_NORMS)}")
-        if any(lr <= 0 for lr in self.lrs + self.ics_lrs + self.sweep_lrs):
-            raise ValueError("learning rates must be positive")
-        if self.steps < 1 or self.batch_size < 2 or self.width <= 0:
-            raise ValueError("--steps >= 1, --batch-size >= 2 and --width > 0 are required")
-        if any(not 1 <= k <= 13 for k in self.hist_layers + self.ics_layers):
-            raise ValueError("--hist-layers and --ics-layers are conv layer numbers 1..13")
-        if len(self.probe_etas) < 2 or any(e <= 0 for e in self.probe_etas):
-            raise ValueError("--probe-etas needs at least two positive multipliers")
-        if self.data_parallel and self.procs < 2:
-            raise ValueError("--data-parallel needs --procs >= 2 (or a torchrun launch with --procs matching it)")
-        if self.out is None:
-            self.out = f"runs/vgg-{self.preset}"
+        super().validate()
+        if any(not lr > 0 for lr in self.sweep_lrs):
+            raise ValueError("--sweep-lrs: learning rates must be positive")
+        if self.batch_size < 2:
+            raise ValueError("--batch-size must be >= 2 (batch statistics need two samples)")
+        if not self.width > 0:
+            raise ValueError("--width must be > 0")
+        if self.sweep_steps < 1:
+            raise ValueError("--sweep-steps must be >= 1")
+        if self.train_size < 0 or self.test_size < 0:
+            raise ValueError("--train-size and --test-size must be >= 0 (0: all)")
+        if self.train_size and self.train_size < self.batch_size:
+            raise ValueError(f"--train-size {self.train_size} is smaller than --batch-size {self.batch_size}")
+        convs = sum(VGG_BLOCKS[self.arch])
+        if self.hist_layers is None:
+            self.hist_layers = sorted({paper_layer(k, self.arch) for k in PAPER_HIST_LAYERS})
+        if self.ics_layers is None:
+            self.ics_layers = [paper_layer(k, self.arch) for k in PAPER_ICS_LAYERS]
+        if any(not 1 <= k <= convs for k in self.hist_layers + self.ics_layers):
+            raise ValueError(f"--hist-layers and --ics-layers are conv layer numbers 1..{convs} for --arch {self.arch}")
 
-    def eta_multipliers(self) -> List[float]:
-        if len(self.probe_etas) == 2:
-            return log_grid(self.probe_etas[0], self.probe_etas[1], self.probe_points)
-        return list(self.probe_etas)
 
-
+QUICK: Dict[str, Any] = {
+    "norms": ALL_NORMS, "lrs": [0.1, 0.5], "ics_lrs": [0.01], "ref_lr": 0.1, "seeds": [0, 1], "steps": 320,
+    "eval_every": 40, "measure_every": 40, "probe_etas": [0.5, 4.0], "checkpoint_every": 80,
+}
 PRESETS: Dict[str, Dict[str, Any]] = {
-    "quick": {},
-    "paper": {"procs": 1, "steps": 15000, "width": 1.0, "train_size": 0, "test_size": 0, "eval_every": 500,
-              "measure_every": 250, "checkpoint_every": 500, "sweep_steps": 2000, "curvature_iters": 50},
+    "quick": QUICK,
+    "paper": {"procs": 1, "arch": "vgg16", "seeds": [0, 1, 2], "steps": 15000, "width": 1.0, "train_size": 0,
+              "test_size": 0, "eval_every": 500, "measure_every": 250, "checkpoint_every": 500, "sweep_steps": 2000,
+              "curvature_iters": 50},
 }
 
 
-def _xent(model, batch):
-    x, y = batch
-    return F.cross_entropy(model(x), y)
+def load_data(cfg: VGGConfig, device: torch.device):
+    """The data set on `device`; raises bnext.data.DataError (naming the file) for missing or bad data."""
+    from bnext import data as bdata
+    return bdata.load_dataset(cfg.dataset, data_dir=cfg.data_dir, device=device, download=cfg.download,
+                              train_size=cfg.train_size or None, test_size=cfg.test_size or None,
+                              progress=cfg.progress)
 
 
-class VGGTask(measure.MeasuredTask):
-    def __init__(self, cfg: VGGConfig, device: torch.device, say=print):
+def check_data(cfg: VGGConfig) -> None:
+    """Before any worker process starts: find (or download) and validate the data, so that a missing,
+    corrupt or unsafe file ends the command with one line instead of one traceback per rank."""
+    if cfg.dataset != "synthetic":  # the synthetic task cannot fail
+        load_data(cfg, torch.device("cpu"))
+
+
+class VGGTask:
+    """Image classification on a VGG: the data on the device, the model, the cross-entropy loss."""
+
+    def __init__(self, cfg: VGGConfig, device: torch.device):
         from bnext import data as bdata
         self.cfg, self.device, self._bdata = cfg, device, bdata
-        ds = bdata.load_dataset(cfg.dataset, data_dir=cfg.data_dir, device=device, download=cfg.download,
-                                train_size=cfg.train_size or None, test_size=cfg.test_size or None,
-                                progress=cfg.progress)
-        self.data = ds
-        self.data_source = ds.source
-        self.num_classes = ds.num_classes
-        self.landscape_ok, self.landscape_why = measure.landscape_available()
-        self.loss_fn = _xent
+        self.data = load_data(cfg, device)
+        self.data_source = {"description": self.data.source, "name": self.data.name,
+                            "statistics": self.data.statistics}
+        self.num_classes = self.data.num_classes
 
     def build_model(self, spec: RunSpec):
-        return build_vgg(spec.norm, self.cfg.width, self.cfg.init, self.num_classes)
+        return build_vgg(spec.norm, self.cfg.width, self.cfg.init, self.num_classes, self.cfg.arch)
 
     def monitor_points(self, model):
         return named_points(model, ".norm")
@@ -141,6 +125,10 @@ class VGGTask(measure.MeasuredTask):
 
     def batch(self, spec: RunSpec, step: int):
         return self._bdata.batch_at(self.data.train_x, self.data.train_y, self.cfg.batch_size, step, seed=spec.seed)
+
+    def loss_fn(self, model, batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y)
 
     def loss_and_metrics(self, model, batch):
         x, y = batch
@@ -183,6 +171,32 @@ def _ref_lr(cfg: VGGConfig, grid: analysis.Grid) -> float:
     return cfg.ref_lr if cfg.ref_lr in lrs or not lrs else (cfg.lrs[0] if cfg.lrs[0] in lrs else lrs[0])
 
 
+def _own_layers(cfg: VGGConfig, paper: tuple) -> List[int]:
+    """The recorded layers of this --arch that stand for the paper's VGG-16 layers `paper`."""
+    return [k for k in dict.fromkeys(paper_layer(p, cfg.arch) for p in paper) if k in cfg.hist_layers]
+
+
+def _layer_names(cfg: VGGConfig, paper: tuple) -> str:
+    own = [paper_layer(p, cfg.arch) for p in paper]
+    text = ", ".join(f"#{k}" for k in own)
+    return text if own == list(paper) else text + " (standing for the paper's " + ", ".join(f"#{p}" for p in paper) + ")"
+
+
+def _seeds_note(cfg: VGGConfig) -> str:
+    if len(cfg.seeds) == 1:
+        return (f"One seed ({cfg.seeds[0]}): the verdicts have no seed spread to use as a margin, so a difference "
+                "between normalizations may be the run-to-run variation.")
+    return f"{len(cfg.seeds)} seeds ({', '.join(map(str, cfg.seeds))}): values are seed means, margins the seed spread."
+
+
+def _layers_note(cfg: VGGConfig) -> str:
+    if cfg.arch == "vgg16":
+        return "Network: VGG-16, the paper's; layer numbers are the paper's."
+    pairs = ", ".join(f"#{paper_layer(k, cfg.arch)} for #{k}" for k in sorted(set(PAPER_HIST_LAYERS + PAPER_ICS_LAYERS)))
+    return (f"Network: {cfg.arch} ({sum(VGG_BLOCKS[cfg.arch])} conv layers; the paper's is VGG-16 with 13). Its layers "
+            f"standing for the paper's (same block, same place in it): {pairs}.")
+
+
 def make_report(ctx) -> tuple:
     from .report import write_report
     cfg, out, grid, runs = ctx["cfg"], ctx["out"], ctx["grid"], ctx["records"]
@@ -203,21 +217,23 @@ def make_report(ctx) -> tuple:
             figs.append((path, caption))
     add(figures.curves(runs, ["none", "bn"], sorted(cfg.lrs), out / "fig1_accuracy.png",
                        "Fig 1: VGG with and without BatchNorm"), "Fig 1 (a, b): training and test curves, BN vs standard")
-    add(figures.histograms(runs, ["none", "bn"], [k for k in (3, 11) if k in cfg.hist_layers], ref,
+    fig1_layers = _own_layers(cfg, (3, 11))
+    add(figures.histograms(runs, ["none", "bn"], fig1_layers, ref,
                            out / "fig1_histograms.png", f"Fig 1 (c): activation distributions (LR {ref:g})"),
-        "Fig 1 (c): activation histograms, layers #3 and #11")
+        f"Fig 1 (c): activation histograms, layers {_layer_names(cfg, (3, 11))}")
     add(figures.curves(runs, ["none", "bn", "noisy_bn", PLAIN_NOISE], sorted(cfg.lrs), out / "fig2_noisy_bn.png",
                        "Fig 2: noisy BatchNorm (Algorithm 1)"), "Fig 2: noisy BN training and test curves")
-    add(figures.histograms(runs, ["none", "bn", "noisy_bn"], [k for k in (2, 9, 13) if k in cfg.hist_layers], ref,
+    add(figures.histograms(runs, ["none", "bn", "noisy_bn"], _own_layers(cfg, (2, 9, 13)), ref,
                            out / "fig2_histograms.png", f"Fig 2: activation distributions (LR {ref:g})"),
-        "Fig 2: activation histograms, layers #2, #9, #13")
+        f"Fig 2: activation histograms, layers {_layer_names(cfg, (2, 9, 13))}")
     add(figures.ics(runs, ["none", "bn"], cfg.ics_layers, ics_lrs, out / "fig3_ics.png",
-                    "Fig 3: internal covariate shift (Definition 2.1), VGG"), "Fig 3: ICS, VGG")
+                    "Fig 3: internal covariate shift (Definition 2.1), VGG"),
+        f"Fig 3: ICS, VGG, layers {', '.join(f'#{k}' for k in cfg.ics_layers)}")
     add(figures.landscape(runs, main, ref, out / "fig4_landscape.png", "Fig 4: landscape along the gradient, VGG"),
         "Fig 4: loss landscape, gradient predictiveness, beta-smoothness")
     add(figures.curves(runs, ["none", "bn", "l1", "l2", "linf"], sorted(cfg.lrs), out / "fig_lp_curves.png",
                        "l_p normalization: training and test curves"), "l_p normalizations: curves")
-    add(figures.histograms(runs, ["bn", "l1", "l2", "linf"], [k for k in (3, 11) if k in cfg.hist_layers], ref,
+    add(figures.histograms(runs, ["bn", "l1", "l2", "linf"], fig1_layers, ref,
                            out / "fig_lp_histograms.png", f"l_p normalization: activation distributions (LR {ref:g})"),
         "l_p normalizations: activation histograms")
     add(figures.drift(runs, main, ref, out / "fig_drift.png", "Activation mean/variance change per step"),
@@ -230,12 +246,12 @@ def make_report(ctx) -> tuple:
         add(figures.curvature(runs, main, ref, out / "fig_curvature.png", "Top Hessian eigenvalue over training"),
             "Curvature: top Hessian eigenvalue")
     text = write_report(out / "report.md", title="How does BatchNorm help optimization? VGG reproduction",
-                        command=ctx["command"], env=ctx["env"], data_source=ctx["data_source"],
-                        settings={k: getattr(cfg, k) for k in ("preset", "width", "steps", "batch_size", "train_size",
+                        command=ctx["command"], env=ctx["env"], data_source=describe_data(ctx["data_source"]),
+                        settings={k: getattr(cfg, k) for k in ("preset", "arch", "width", "steps", "batch_size", "train_size",
                                                               "test_size", "measure_every", "eval_every", "seeds")},
                         claims=claims, summaries=ctx["summaries"], missing=ctx["missing"], failed=ctx["failed"],
                         figures=figs, timing=ctx["timing"],
-                        notes=analysis.untrained_notes(ctx["summaries"]) + [f"Reference LR for claims 2, 4, 5: {ref:g}; ICS LRs: {', '.join(f'{v:g}' for v in ics_lrs)}.",
+                        notes=analysis.untrained_notes(ctx["summaries"]) + [_seeds_note(cfg), _layers_note(cfg), f"Reference LR for claims 2, 4, 5: {ref:g}; ICS LRs: {', '.join(f'{v:g}' for v in ics_lrs)}.",
                                "Line probes use step sizes " + ", ".join(f"{m:.3g}" for m in cfg.eta_multipliers())
                                + " x LR, BN in train mode; activation statistics are the normalization layers' outputs."])
     return claims, figs, text
@@ -244,7 +260,7 @@ def make_report(ctx) -> tuple:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_config(VGGConfig, PRESETS, argv, "python -m bnext.experiments.vgg", __doc__.split("\n\n")[0])
-    return execute(Experiment("vgg", cfg, VGGTask, specs, make_report, list(argv)))
+    return execute(Experiment("vgg", cfg, VGGTask, specs, make_report, list(argv), check=check_data))
 
 
 if __name__ == "__main__":
