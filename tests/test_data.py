@@ -3,6 +3,7 @@ unpickler against malicious pickles, corrupt/partial files, download (checksum, 
 fallback) through file:// URLs, safe tar extraction, the synthetic task, and the batch iterator."""
 import hashlib
 import io
+import math
 import os
 import pickle
 import shlex
@@ -373,6 +374,76 @@ def test_synthetic_is_learnable_but_not_by_class_means_alone():
     pred = torch.cdist(ds.test_x.flatten(1), means).argmin(1)
     acc = (pred == ds.test_y).double().mean().item()
     assert 0.2 < acc < 0.6
+
+
+def _naive_statistics(x: np.ndarray):
+    """Independent reference for image_statistics: explicit pairs of adjacent pixels, per channel and
+    direction, numpy float64."""
+    corr, kurt = [], []
+    n, c, h, w = x.shape
+    for ch in range(c):
+        for di, dj in ((0, 1), (1, 0)):
+            a = [x[k, ch, i, j] for k in range(n) for i in range(h - di) for j in range(w - dj)]
+            b = [x[k, ch, i + di, j + dj] for k in range(n) for i in range(h - di) for j in range(w - dj)]
+            a, b = np.array(a), np.array(b)
+            corr.append(np.corrcoef(a, b)[0, 1])
+            d = b - a
+            d = d - d.mean()
+            kurt.append((d ** 4).mean() / (d ** 2).mean() ** 2 - 3)
+    return np.mean(corr), np.mean(kurt)
+
+
+def test_image_statistics_match_a_naive_reference():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 6, 5, generator=g).cumsum(3)  # correlated along rows
+    st = data.image_statistics(x)
+    corr, kurt = _naive_statistics(x.double().numpy())
+    assert math.isclose(st["neighbour_correlation"], corr, rel_tol=1e-9)
+    assert math.isclose(st["difference_kurtosis"], kurt, rel_tol=1e-9, abs_tol=1e-12)
+    ref = x.double()
+    assert np.allclose(st["channel_mean"], ref.mean(dim=(0, 2, 3)).numpy(), atol=1e-6)
+    assert np.allclose(st["channel_std"], ref.std(dim=(0, 2, 3), unbiased=False).numpy(), atol=1e-6)
+    u8 = (torch.rand(3, 3, 4, 4, generator=g) * 255).to(torch.uint8)
+    su = data.image_statistics(u8)  # uint8 in [0, 1] pixel units
+    assert math.isclose(su["neighbour_correlation"], _naive_statistics(u8.double().numpy() / 255)[0], rel_tol=1e-9)
+    assert np.allclose(su["channel_mean"], (u8.double() / 255).mean(dim=(0, 2, 3)).numpy(), atol=1e-9)
+    with pytest.raises(ValueError, match="x must be"):
+        data.image_statistics(torch.randn(3, 32, 32))
+
+
+def test_synthetic_pixels_look_natural_not_iid():
+    """Natural images: neighbouring pixels correlate at ~0.9 and their differences are heavy-tailed
+    (mostly small, sometimes an edge). i.i.d. pixel noise would give ~0 and ~0."""
+    x, _ = data.make_synthetic(1000, seed=0)
+    st = data.image_statistics(x)
+    assert 0.85 < st["neighbour_correlation"] < 0.99
+    assert st["difference_kurtosis"] > 3.0
+    noise = data.image_statistics(torch.randn(200, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert abs(noise["neighbour_correlation"]) < 0.02 and abs(noise["difference_kurtosis"]) < 0.1
+    # each dataset carries the statistics of its training images before scaling
+    ds = data.load_dataset("synthetic", train_size=1000, test_size=10, seed=0)
+    assert ds.statistics == st
+    assert np.allclose(ds.statistics["channel_mean"], ds.mean) and np.allclose(ds.statistics["channel_std"], ds.std)
+
+
+def test_cifar_dataset_carries_its_statistics(cifar):
+    root, _ = cifar
+    ds = data.load_dataset("cifar10", data_dir=root, download=False)
+    raw, *_ = data.read_cifar10(root / "cifar-10-batches-py")
+    assert ds.statistics == data.image_statistics(raw)
+    assert np.allclose(ds.statistics["channel_mean"], ds.mean) and np.allclose(ds.statistics["channel_std"], ds.std)
+
+
+def test_package_keeps_the_public_names():
+    import bnext
+    for name in data.__all__:
+        assert hasattr(data, name), name
+    # the per-channel helper no longer shadows bnext.channel_stats (the activation-statistics op)
+    assert not hasattr(data, "channel_stats") and callable(bnext.channel_stats)
+    mean, std = data.channel_mean_std(torch.arange(24, dtype=torch.float32).view(2, 3, 2, 2))
+    ref = torch.arange(24, dtype=torch.float64).view(2, 3, 2, 2)
+    assert np.allclose(mean, ref.mean(dim=(0, 2, 3)).numpy())
+    assert np.allclose(std, ref.std(dim=(0, 2, 3), unbiased=False).numpy())
 
 
 # ----------------------------------------------------------------------------- batch iteration

@@ -1,5 +1,6 @@
 """The experiment suite (bnext.experiments): tiny end-to-end runs of both commands, resume, measurement
 invariance, torchrun with 2 CPU processes, and the claim rules on hand-made summaries."""
+import dataclasses
 import json
 import math
 import os
@@ -11,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnext.experiments import analysis, common, dln, vgg
+from bnext.experiments import analysis, common, dln, train, vgg
 from bnext.experiments.config import parse_config
-from bnext.experiments.models import build_vgg, norm_available, vgg_layer_names
+from bnext.experiments.models import build_vgg, paper_layer, vgg_layer_names
 from bnext.experiments.report import parse_claims
 from bnext.experiments.runner import Experiment, execute
 
@@ -21,17 +22,9 @@ VERDICTS = {analysis.REPRODUCED, analysis.NOT_REPRODUCED, analysis.INCONCLUSIVE}
 TINY_VGG = ["--dataset", "synthetic", "--no-download", "--width", "0.0625", "--batch-size", "32",
             "--train-size", "256", "--test-size", "64", "--steps", "6", "--eval-every", "3", "--measure-every", "3",
             "--checkpoint-every", "2", "--lrs", "0.1", "--ics-lrs", "0.01", "--probe-points", "3",
-            "--no-progress", "--threads", "2", "--procs", "1"]
+            "--no-progress", "--threads", "2", "--procs", "1", "--seeds", "0"]
 TINY_DLN = ["--depth", "6", "--dim", "4", "--points", "64", "--steps", "12", "--measure-every", "6",
-            "--ics-layers", "2,4", "--hist-layers", "2,4", "--probe-points", "3", "--checkpoint-every", "4", "--no-progress", "--procs", "1"]
-
-
-def _landscape_available():
-    try:
-        import bnext.landscape  # noqa: F401
-        return True
-    except ImportError:
-        return False
+            "--ics-layers", "2,4", "--hist-layers", "2,4", "--probe-points", "3", "--checkpoint-every", "4", "--no-progress", "--procs", "1", "--seeds", "0"]
 
 
 def _cfg(module, argv):
@@ -39,14 +32,11 @@ def _cfg(module, argv):
     return parse_config(cls, module.PRESETS, argv, "test", "test")
 
 
-def _run(module, argv, interrupt_at=None):
+def _run(module, argv):
     cfg = _cfg(module, argv)
-    if interrupt_at is not None:
-        cfg._interrupt_at = interrupt_at
-    task = vgg.VGGTask if module is vgg else dln.DLNTask
-    cols = None if module is vgg else dln.DLN_COLUMNS
-    return execute(Experiment(module.__name__.rsplit(".", 1)[1], cfg, task, module.specs, module.make_report,
-                              list(argv), cols))
+    if module is vgg:
+        return execute(Experiment("vgg", cfg, vgg.VGGTask, vgg.specs, vgg.make_report, list(argv), check=vgg.check_data))
+    return execute(Experiment("dln", cfg, dln.DLNTask, dln.specs, dln.make_report, list(argv), dln.DLN_COLUMNS))
 
 
 def _check_report(out: Path, expected_claims, figures):
@@ -74,18 +64,12 @@ def test_vgg_end_to_end_every_artifact(tmp_path):
     code = _run(vgg, argv)
     assert code == 0
     figs = ["fig1_accuracy.png", "fig1_histograms.png", "fig2_noisy_bn.png", "fig2_histograms.png",
-            "fig4_landscape.png" if _landscape_available() else "fig1_accuracy.png",
-            "fig_lp_curves.png", "fig_drift.png", "fig_lr_sweep.png"]
-    if _landscape_available():
-        figs += ["fig3_ics.png", "fig_curvature.png"]
+            "fig4_landscape.png", "fig_lp_curves.png", "fig_drift.png", "fig_lr_sweep.png", "fig3_ics.png",
+            "fig_curvature.png"]
     rows, summary = _check_report(out, ["1", "2", "2 (noise alone)", "3", "4", "5", "6", "1b", "4b"], figs)
-    missing = [n for n in ("noisy_bn", "l1", "l2", "linf") if not norm_available(n)[0]]
-    assert sorted(summary["missing_norms"]) == sorted(missing)
-    if missing:  # unavailable layers are reported, and the claims that need them are inconclusive
-        text = (out / "report.md").read_text()
-        assert "Runs not performed" in text
-        if "noisy_bn" in missing:
-            assert rows[1]["verdict"] == analysis.INCONCLUSIVE
+    stats = summary["data_source"]["statistics"]  # the synthetic data's pixel statistics travel with the results
+    assert set(stats) == {"neighbour_correlation", "difference_kurtosis", "channel_mean", "channel_std"}
+    assert json.loads((out / "config.json").read_text())["data_source"]["statistics"] == stats
     runs = {s["run_id"]: s for s in summary["runs"]}
     assert "main-bn-lr0.1-s0" in runs and "main-none-lr0.01-s0" in runs and "main-noise-lr0.1-s0" in runs
     # a huge LR diverges and is recorded as such, not a crash
@@ -96,13 +80,13 @@ def test_vgg_end_to_end_every_artifact(tmp_path):
     recs = common.read_jsonl(out / "runs" / "main-bn-lr0.1-s0" / "metrics.jsonl")
     train = [r for r in recs if r["type"] == "train"]
     assert [r["step"] for r in train] == list(range(6))
-    assert len(train[1]["drift_mean"]) == 13 and all(v is not None for v in train[1]["drift_mean"])
+    # the quick preset's VGG-11: 8 conv layers; the paper's #2, #3, #9, #11, #13 are its #1, #2, #5, #7, #8
+    assert len(train[1]["drift_mean"]) == 8 and all(v is not None for v in train[1]["drift_mean"])
     meas = [r for r in recs if r["type"] == "measure"]
     assert [m["step"] for m in meas] == [0, 3, 5]
-    assert sorted(meas[0]["hist"]) == ["11", "13", "2", "3", "9"]
-    if _landscape_available():
-        assert len(meas[0]["ics"]) == 13 and len(meas[0]["probe"]["losses"]) == 3
-        assert meas[0]["thm41"] is not None
+    assert sorted(meas[0]["hist"], key=int) == ["1", "2", "5", "7", "8"]
+    assert len(meas[0]["ics"]) == 8 and len(meas[0]["probe"]["losses"]) == 3
+    assert meas[0]["thm41"] is not None
     evals = [r for r in recs if r["type"] == "eval"]
     assert [r["step"] for r in evals] == [0, 3, 6]
     # rerunning the same command skips every finished run and rewrites the same claims
@@ -115,8 +99,7 @@ def test_vgg_end_to_end_every_artifact(tmp_path):
 def test_dln_end_to_end(tmp_path):
     out = tmp_path / "dln"
     assert _run(dln, TINY_DLN + ["--out", str(out)]) == 0
-    figs = ["dln_loss.png", "dln_drift.png"] + (["dln_ics.png", "dln_landscape.png", "dln_histograms.png"]
-                                                 if _landscape_available() else [])
+    figs = ["dln_loss.png", "dln_drift.png", "dln_ics.png", "dln_landscape.png", "dln_histograms.png"]
     _, summary = _check_report(out, ["1 (DLN)", "3 (DLN)", "4 (DLN)", "6"], figs)
     by_id = {s["run_id"]: s for s in summary["runs"]}
     assert by_id["main-bn-lr1e-06-s0"]["drift"] > 0 and by_id["main-none-lr1e-06-s0"]["drift"] > 0
@@ -130,13 +113,23 @@ def test_config_rejects_unknown_flags_and_applies_presets():
     with pytest.raises(SystemExit):
         _cfg(vgg, ["--norms", "bn,batchnorm"])
     cfg = _cfg(vgg, ["--preset", "paper", "--steps", "7"])
-    assert (cfg.width, cfg.steps, cfg.train_size, cfg.out) == (1.0, 7, 0, "runs/vgg-paper")
+    assert (cfg.arch, cfg.width, cfg.steps, cfg.train_size, cfg.out) == ("vgg16", 1.0, 7, 0, "runs/vgg-paper")
+    assert cfg.seeds == [0, 1, 2] and cfg.hist_layers == [2, 3, 9, 11, 13] and cfg.ics_layers == [5, 10]
     cfg = _cfg(vgg, [])
     assert cfg.batch_size == 128 and cfg.momentum == 0.0 and cfg.init == "glorot" and cfg.lrs == [0.1, 0.5]
+    assert cfg.arch == "vgg11" and cfg.hist_layers == [1, 2, 5, 7, 8] and cfg.ics_layers == [3, 6]
     assert len(cfg.eta_multipliers()) == 8 and math.isclose(cfg.eta_multipliers()[-1], 4.0)
+    assert _cfg(vgg, ["--arch", "vgg13"]).ics_layers == [5, 8]
     d = _cfg(dln, [])
     assert (d.depth, d.dim, d.points, d.steps, d.lrs) == (25, 10, 1000, 4000, [1e-6])
-    assert _cfg(dln, ["--preset", "paper"]).steps == 10000
+    assert (d.hist_layers, d.ics_layers, d.eval_every, d.device, d.threads) == ([9, 17], [9, 17], 0, "cpu", 1)
+    assert _cfg(dln, ["--preset", "paper"]).steps == 10000 and _cfg(dln, ["--preset", "paper"]).seeds == [0, 1, 2]
+    # the VGG and DLN configs share their common options through one base class
+    from bnext.experiments.config import BaseConfig
+    shared = {f.name for f in dataclasses.fields(BaseConfig)}
+    own_vgg = {f.name for f in dataclasses.fields(vgg.VGGConfig)} - shared
+    own_dln = {f.name for f in dataclasses.fields(dln.DLNConfig)} - shared
+    assert "steps" in shared and "arch" in own_vgg and "depth" in own_dln and not own_vgg & own_dln
     assert d.loss_reduction == "sum" and _cfg(dln, ["--loss-reduction", "mean"]).loss_reduction == "mean"
 
 
@@ -163,14 +156,20 @@ def _records(path):
 
 
 @pytest.mark.parametrize("norm", ["bn", "noisy_bn", "none"])
-def test_resume_follows_the_uninterrupted_trajectory(tmp_path, norm):
-    if not norm_available(norm)[0]:
-        pytest.skip(f"{norm} not available in this build")
+def test_resume_follows_the_uninterrupted_trajectory(tmp_path, monkeypatch, norm):
     argv = TINY_VGG + ["--norms", norm, "--ics-norms", norm, "--ics-lrs", "0.1", "--steps", "7",
                        "--save-weights"]
     a, b = tmp_path / "a", tmp_path / "b"
     assert _run(vgg, argv + ["--out", str(a)]) == 0
-    assert _run(vgg, argv + ["--out", str(b)], interrupt_at=5) == 130  # Ctrl-C at step 5
+    batch = vgg.VGGTask.batch
+
+    def ctrl_c_at_step_5(self, spec, step):
+        if step == 5:
+            raise KeyboardInterrupt
+        return batch(self, spec, step)
+    with monkeypatch.context() as m:
+        m.setattr(vgg.VGGTask, "batch", ctrl_c_at_step_5)
+        assert _run(vgg, argv + ["--out", str(b)]) == 130
     run = f"main-{norm}-lr0.1-s0"
     assert (b / "runs" / run / "checkpoint.pt").exists() and not (b / "runs" / run / "summary.json").exists()
     assert _run(vgg, argv + ["--out", str(b)]) == 0
@@ -186,15 +185,13 @@ def test_resume_follows_the_uninterrupted_trajectory(tmp_path, norm):
 
 @pytest.mark.parametrize("norm", ["bn", "noisy_bn", "none"])
 def test_measurement_does_not_change_the_trajectory(tmp_path, norm):
-    if not norm_available(norm)[0]:
-        pytest.skip(f"{norm} not available in this build")
     cfg = _cfg(vgg, TINY_VGG + ["--curvature", "--curvature-iters", "2"])
-    task = vgg.VGGTask(cfg, torch.device("cpu"), say=lambda *a: None)
+    task = vgg.VGGTask(cfg, torch.device("cpu"))
     results = []
     for every, where in ((1, "measured"), (0, "plain")):
         spec = common.RunSpec(norm, 0.1, 0, 3)
-        common.train_run(task, spec, tmp_path / where, device=torch.device("cpu"), measure_every=every,
-                         eval_every=2, checkpoint_every=0, save_weights=True)
+        run_cfg = dataclasses.replace(cfg, measure_every=every, eval_every=2, checkpoint_every=0, save_weights=True)
+        train.run_one(run_cfg, spec, tmp_path / where, task, torch.device("cpu"))
         recs = _records(tmp_path / where / "metrics.jsonl")
         results.append(([r for r in recs if r["type"] in ("train", "eval")],
                         torch.load(tmp_path / where / "final.pt", weights_only=True),
@@ -302,7 +299,7 @@ def test_claims_table_round_trips_through_markdown():
 
 
 def test_vgg_layout_and_conversion():
-    m = build_vgg("bn", 0.125)
+    m = build_vgg("bn", 0.125, arch="vgg16")
     names = vgg_layer_names(m)
     assert len(names["conv"]) == 13 and len(names["norm"]) == 13
     import bnext
@@ -312,6 +309,18 @@ def test_vgg_layout_and_conversion():
     none = build_vgg("none", 0.125)
     assert all(isinstance(dict(none.named_modules())[n], torch.nn.Identity) for n in vgg_layer_names(none)["norm"])
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    # VGG-11: one conv in the first two blocks, two in the others
+    m11 = build_vgg("bn", 0.125, arch="vgg11")
+    convs = [dict(m11.named_modules())[n] for n in vgg_layer_names(m11)["conv"]]
+    assert [c.out_channels for c in convs] == [8, 16, 32, 32, 64, 64, 64, 64]
+    assert m11(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert len(vgg_layer_names(build_vgg("none", 0.125, arch="vgg19"))["conv"]) == 16
+    # the layer standing for the paper's: same block, same relative place (first/last kept)
+    assert [paper_layer(k, "vgg16") for k in range(1, 14)] == list(range(1, 14))
+    assert [paper_layer(k, "vgg11") for k in (2, 3, 5, 9, 10, 11, 13)] == [1, 2, 3, 5, 6, 7, 8]
+    assert [paper_layer(k, "vgg19") for k in (1, 5, 7, 8, 10, 11, 13)] == [1, 5, 8, 9, 12, 13, 16]
+    with pytest.raises(ValueError, match="1..13"):
+        paper_layer(14, "vgg11")
 
 
 def test_plain_network_noise_follows_algorithm_1():
@@ -353,3 +362,62 @@ def test_atomic_writes_leave_no_partial_file(tmp_path, monkeypatch):
         common.atomic_write_text(p, "new")
     assert json.loads(p.read_text())["a"] is None
     assert [f.name for f in tmp_path.iterdir()] == ["x.json"]
+
+
+# ------------------------------------------------------------------------------ the command line
+
+
+def _command(module, *args, cwd=None, timeout=240):
+    return subprocess.run([sys.executable, "-m", f"bnext.experiments.{module}", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)
+
+
+def _one_error_line(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def test_an_unsafe_pickle_is_one_line_before_any_worker_starts(tmp_path):
+    class RunsShell:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+    batches = tmp_path / "cifar" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    (batches / "batches.meta").write_bytes(__import__("pickle").dumps(RunsShell(), protocol=2))
+    # the default --procs 2 would start two torchrun workers: the check comes first
+    line = _one_error_line(_command("vgg", "--data-dir", str(tmp_path / "cifar"), "--out", str(tmp_path / "o")),
+                           "batches.meta", "unsafe pickle: refused to load global")
+    assert "system" in line and not (tmp_path / "pwned").exists() and not (tmp_path / "o").exists()
+
+
+def test_missing_or_corrupt_data_and_bad_options_are_one_line(tmp_path):
+    _one_error_line(_command("vgg", "--dataset", "cifar10", "--no-download", "--data-dir", str(tmp_path / "none"),
+                             "--out", str(tmp_path / "o")), "CIFAR-10 not found in", str(tmp_path / "none"))
+    batches = tmp_path / "bad" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    (batches / "batches.meta").write_bytes(b"not a pickle")
+    _one_error_line(_command("vgg", "--data-dir", str(tmp_path / "bad"), "--no-download", "--out",
+                             str(tmp_path / "o")), "batches.meta", "corrupt")
+    _one_error_line(_command("vgg", "--norms", "bn,batchnorm"), "--norms", "batchnorm")
+    _one_error_line(_command("vgg", "--arch", "vgg12"), "--arch")
+    _one_error_line(_command("vgg", "--no-such-flag"), "--no-such-flag")
+    _one_error_line(_command("vgg", "--steps", "0"), "--steps")
+    _one_error_line(_command("dln", "--hist-layers", "25"), "--hist-layers")
+
+
+def test_logs_off_a_terminal_are_plain_lines(tmp_path):
+    out = tmp_path / "log"
+    proc = _command("vgg", *[a for a in TINY_VGG if a != "--no-progress"], "--norms", "bn", "--ics-norms", "bn",
+                    "--no-plain-noise", "--steps", "8", "--measure-every", "0", "--out", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    assert "\r" not in text and "\x1b" not in text  # no tqdm redraws
+    lines = [ln for ln in proc.stdout.splitlines() if "main-bn-lr" in ln and ": " in ln and ln.startswith("[")]
+    for run in ("main-bn-lr0.1-s0", "main-bn-lr0.01-s0"):
+        mine = [ln for ln in lines if f"] {run}: " in ln]
+        assert mine[0].endswith(": start (8 steps)") and ": done in " in mine[-1], mine
+        assert [ln.split(": ", 1)[1].split(",")[0] for ln in mine[1:-1]] == ["step 2/8", "step 4/8", "step 6/8"]

@@ -75,8 +75,11 @@ class VGGConfig(BaseConfig):
             raise ValueError(f"--hist-layers and --ics-layers are conv layer numbers 1..{convs} for --arch {self.arch}")
 
 
+# The quick preset (experiments README, "Quick preset"): VGG-11 at width 1/8, whose plain network at LR 0.1
+# leaves its initial loss (last-10% mean / first loss 0.71 at 640 steps, 0.89 at 320); VGG-16 does not
+# (1.00 at 320). One seed: a second one does not fit the 15-minute budget on 2 cores at 640 steps.
 QUICK: Dict[str, Any] = {
-    "norms": ALL_NORMS, "lrs": [0.1, 0.5], "ics_lrs": [0.01], "ref_lr": 0.1, "seeds": [0, 1], "steps": 320,
+    "norms": ALL_NORMS, "lrs": [0.1, 0.5], "ics_lrs": [0.01], "ref_lr": 0.1, "seeds": [0], "steps": 640,
     "eval_every": 40, "measure_every": 40, "probe_etas": [0.5, 4.0], "checkpoint_every": 80,
 }
 PRESETS: Dict[str, Dict[str, Any]] = {
