@@ -140,7 +140,7 @@ def build_parser(cls, presets: Dict[str, Dict[str, Any]], prog: str, description
     parser.add_argument("--preset", choices=sorted(presets), default="quick",
                         help="starting values for every option below; explicit flags override them. "
                              + "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in vals.items())
-                                         for name, vals in presets.items() if vals))
+                                         for name, vals in presets.items() if vals and name != "quick"))
     for f in dataclasses.fields(cls):
         if f.name == "preset":
             continue

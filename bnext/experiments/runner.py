@@ -65,6 +65,11 @@ class Progress:
         elif self.lines:
             self._say(f"start at step {step} of {spec.steps} (resumed)" if step else f"start ({spec.steps} steps)")
 
+    def skip_run(self, spec: RunSpec) -> None:
+        self.run_id = spec.run_id
+        if self.lines:
+            self._say("finished earlier (summary.json present): skipped")
+
     def step(self, step: int, loss: float) -> None:
         if self.run_bar is not None:
             self.run_bar.update(1)

@@ -80,6 +80,8 @@ def run_one(cfg, spec: RunSpec, run_dir: Path, task, device: torch.device, progr
     run_dir = Path(run_dir)
     summary_path, ckpt_path, metrics_path = run_dir / "summary.json", run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
     if summary_path.exists():
+        if progress is not None:
+            progress.skip_run(spec)
         with open(summary_path) as f:
             return json.load(f)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +105,7 @@ def run_one(cfg, spec: RunSpec, run_dir: Path, task, device: torch.device, progr
     log = MetricsLog(metrics_path, truncate_to=truncate)
     last = spec.steps - 1
     # --data-parallel: rank 0 measures on the global batch and takes Theorem 4.1 there (data_parallel.py)
-    data_parallel = bool(getattr(cfg, "data_parallel", False))
+    data_parallel = cfg.data_parallel
     cpu0 = time.process_time()
     if progress is not None:
         progress.start_run(spec, state.step)
