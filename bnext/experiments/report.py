@@ -1,11 +1,66 @@
 """report.md: setup (data, device, versions), the claims table, the runs, the figures.
 
+`ReportContext` is what the runner hands an experiment's report function once every run is on disk.
 `parse_claims(text)` reads the claims table back (used by the tests, usable by anyone)."""
+import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .analysis import Claim
+from .analysis import Claim, Grid
+
+
+@dataclasses.dataclass
+class ReportContext:
+    """Everything a report is computed from, after all runs of an invocation are on disk.
+
+    records: (group, norm, lr) -> one list of metrics.jsonl records per seed (what the figures plot);
+    summaries: every finished run's summary.json (what the claims are decided on), in grid order;
+    missing: norm -> why it could not run in this build; failed: run_id -> why it failed;
+    data_source: the data-source description the task reports: a string, or a dict whose
+    "description" is the text and whose optional "statistics" holds the pixel statistics of the data
+    (see `data_statistics`)."""
+    cfg: Any
+    out: Path
+    grid: Grid
+    records: Dict[Tuple[str, str, float], List[List[dict]]]
+    summaries: List[dict]
+    env: Dict[str, Any]
+    data_source: Any
+    timing: Dict[str, Any]
+    command: str
+    missing: Dict[str, str] = dataclasses.field(default_factory=dict)
+    failed: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def coerce(cls, ctx) -> "ReportContext":
+        """A ReportContext as is, or one built from the keyword dict the runner used to pass."""
+        if isinstance(ctx, cls):
+            return ctx
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(ctx) - names)
+        if unknown:
+            raise TypeError(f"ReportContext: unknown field(s) {unknown}")
+        return cls(**ctx)
+
+    def __getitem__(self, key: str):
+        # the report functions were written against a dict: ctx["cfg"] keeps working while they move over
+        if key not in {f.name for f in dataclasses.fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    @property
+    def data_text(self) -> str:
+        d = self.data_source
+        if isinstance(d, dict):
+            return str(d.get("description") or d.get("source") or {k: v for k, v in d.items() if k != "statistics"})
+        return str(d)
+
+    @property
+    def data_statistics(self) -> Optional[Dict[str, Any]]:
+        d = self.data_source
+        st = d.get("statistics") if isinstance(d, dict) else None
+        return st if isinstance(st, dict) else None
 
 CLAIMS_HEADER = "| # | claim | rule | measured | verdict |"
 
