@@ -352,3 +352,51 @@ def test_theorem41_reports_gamma2_over_sigma2_and_the_removed_share():
     s = _summary("bn", 0.1, thm41_layers={"1": got})
     text = analysis.claim6([s]).measured
     assert "gamma^2/sigma^2" in text and f"{got['gamma2_over_sigma2']:.4g}" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# The report: data statistics, seeds, the rules used
+# ------------------------------------------------------------------------------------------------
+
+def _write(tmp_path, data_source, summaries, **kw):
+    from bnext.experiments.report import parse_claims, write_report
+    claims = [analysis.claim1(Grid(summaries, {}), [0.1])]
+    text = write_report(tmp_path / "report.md", title="t", command="c", env={}, data_source=data_source,
+                        settings={}, claims=claims, summaries=summaries, missing={}, failed={}, figures=[],
+                        timing={}, **kw)
+    assert [r["verdict"] for r in parse_claims(text)] == [claims[0].verdict]
+    return text
+
+
+def test_report_prints_data_statistics_when_present_and_survives_their_absence(tmp_path):
+    runs = [_summary("bn", 0.1, final_loss=0.5), _summary("none", 0.1, final_loss=1.5)]
+    stats = {"neighbour_correlation": 0.912, "difference_kurtosis": 7.25, "channel_mean": [0.49, 0.48, 0.45],
+             "channel_std": [0.25, 0.24, 0.26]}
+    text = _write(tmp_path, {"description": "CIFAR-10 from /data", "statistics": stats}, runs)
+    assert "CIFAR-10 from /data" in text
+    line = next(ln for ln in text.splitlines() if "Data statistics" in ln)
+    for v in ("0.912", "7.25", "0.49", "0.26"):
+        assert v in line
+    text = _write(tmp_path, "synthetic task", runs)
+    assert "Data statistics" not in text and "synthetic task" in text
+    assert "one seed" in text
+    # the rules that go beyond the protocol's defaults are listed with their reasons
+    assert "Rules beyond the protocol's defaults" in text and "closes measures speed" in text
+    # run-table headers holding '|' are escaped, so the table keeps its columns
+    header = next(ln for ln in text.splitlines() if ln.startswith("| run |"))
+    from bnext.experiments.report import RUN_COLUMNS, _split_row
+    assert len(_split_row(header)) == len(RUN_COLUMNS)
+
+
+def test_report_states_seed_count_and_context_accepts_the_old_dict(tmp_path):
+    from bnext.experiments.report import ReportContext
+    runs = [_summary("bn", 0.1, s, final_loss=0.5) for s in (0, 1)] + [_summary("none", 0.1, s) for s in (0, 1)]
+    assert "2 seeds (0, 1)" in _write(tmp_path, "d", runs)
+    fields = dict(cfg=None, out=tmp_path, grid=Grid(runs, {}), records={}, summaries=runs, env={},
+                  data_source={"description": "d", "statistics": {"neighbour_correlation": 0.5}}, timing={},
+                  command="c", missing={}, failed={})
+    ctx = ReportContext.coerce(fields)
+    assert ctx["summaries"] is runs and ctx.grid is fields["grid"]
+    assert ctx.data_text == "d" and ctx.data_statistics == {"neighbour_correlation": 0.5}
+    with pytest.raises(TypeError, match="unknown field"):
+        ReportContext.coerce(dict(fields, colour="red"))

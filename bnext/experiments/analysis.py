@@ -176,7 +176,7 @@ def stat(summaries: Sequence[dict], key: str) -> Stat:
 def compare(a: Stat, b: Stat) -> Optional[int]:
     """-1 if a < b, +1 if a > b, 0 if the margin is inside the noise, None if either is missing.
 
-    Noise (PAPER.md): the seed-to-seed spread (the larger of the two std's over seeds); with one seed,
+    Noise (PROTOCOL.md): the seed-to-seed spread (the larger of the two std's over seeds); with one seed,
     10% of the larger absolute value."""
     if not a.values or not b.values:
         return None

@@ -3,7 +3,7 @@
 Trains the grid norms x lrs x seeds (plus the ICS learning rates for none/BN), measuring every
 --measure-every steps: ICS of every conv layer, line probes along the gradient, activation histograms,
 the Theorem 4.1 identity; per step: loss, accuracy and each layer's activation mean/variance change.
-Then writes the paper's figures and report.md with the claims table. See ../shared/PAPER.md.
+Then writes the paper's figures and report.md with the claims table. See PROTOCOL.md.
 
     python -m bnext.experiments.vgg                      # quick preset: everything, <= 15 min on 2 CPU cores
     python -m bnext.experiments.vgg --preset paper       # the paper's protocol (GPU)
