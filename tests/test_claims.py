@@ -400,3 +400,11 @@ def test_report_states_seed_count_and_context_accepts_the_old_dict(tmp_path):
     assert ctx.data_text == "d" and ctx.data_statistics == {"neighbour_correlation": 0.5}
     with pytest.raises(TypeError, match="unknown field"):
         ReportContext.coerce(dict(fields, colour="red"))
+
+
+def test_relative_drift_leaves_out_channels_without_scale():
+    prev = torch.tensor([[0.0, 1.0], [0.0, 4.0]])   # rows: mean, var; channel 0 is constant
+    now = torch.tensor([[5.0, 2.0], [3.0, 2.0]])
+    want = abs(2.0 - 1.0) / 2.0 + abs(2.0 - 4.0) / 4.0
+    assert float(common.ActivationMonitor._relative_drift(now, prev)) == pytest.approx(want)
+    assert math.isnan(float(common.ActivationMonitor._relative_drift(now, torch.zeros(2, 2))))

@@ -318,12 +318,10 @@ class ActivationMonitor:
         constant) have no scale and are left out; NaN if every channel is."""
         mean, var = stats[0], stats[1]
         pmean, pvar = prev[0], prev[1]
-        ok = pvar > 0
-        if not bool(ok.any()):
-            return torch.full((), float("nan"), device=stats.device)
-        pv = pvar[ok]
-        r = (mean[ok] - pmean[ok]).abs() / pv.sqrt() + (var[ok] - pv).abs() / pv
-        return r.mean()
+        # no boolean indexing: on CUDA that would synchronize once per layer and step
+        pv = torch.where(pvar > 0, pvar, torch.nan)
+        r = (mean - pmean).abs() / pv.sqrt() + (var - pvar).abs() / pv
+        return torch.nanmean(r)
 
     def _histogram(self, flat: torch.Tensor) -> dict:
         v = flat.reshape(-1)
