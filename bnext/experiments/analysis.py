@@ -490,6 +490,8 @@ def claim4(g: Grid, lr: float, label: str = "4") -> Claim:
         return Claim(label, what, rule, f"LR {lr:g}: runs missing" + g.why_missing("bn", "none"), INCONCLUSIVE)
     why = _untrained(none)
     pairs = _pairs(bn, none)
+    if not pairs:
+        return Claim(label, what, rule, f"LR {lr:g}: no seed run by both networks", INCONCLUSIVE)
     per_pair = [(a, b, _both_training(a, b)) for a, b in pairs]
     recorded = all(st is not None for _, _, st in per_pair)
     n_points = [len(st) for _, _, st in per_pair if st is not None]
