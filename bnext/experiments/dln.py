@@ -1,4 +1,4 @@
-"""python -m bnext.experiments.dln: the paper's deep linear network (PROTOCOL.md, "Networks, data and training").
+"""python -m bnext.experiments.dln: the paper's deep linear network (PAPER.md "DLN").
 
 25 square 10x10 linear layers, loss ||W_25...W_1 X - A X||^2 (summed over outputs and over the 1,000
 Gaussian points, the paper's formula; --loss-reduction mean averages over points instead), full-batch gradient descent, Glorot init, with and without BatchNorm after every
@@ -37,7 +37,7 @@ class DLNConfig:
     points: int = option(1000, "data points x (paper: 1000)")
     data_seed: int = option(0, "seed of A and x")
     loss_reduction: str = option("sum", "how the squared error combines the points: sum (the paper's ||W X - A X||^2, "
-                                        "for which its LRs 1e-6/1e-7 are sized) or mean (averaged over points; at "
+                                        "for which its LRs 1e-6/1e-7 are sized) or mean (PAPER.md's [choice]; at "
                                         "those LRs a mean loss barely moves in 10,000 steps)", choices=["sum", "mean"])
     init: str = option("glorot", "weight init: glorot or torch", choices=["glorot", "torch"])
     momentum: float = option(0.0, "momentum ([choice]: plain gradient descent)")
@@ -150,10 +150,10 @@ DLN_COLUMNS = [("run", "run_id"), ("steps", "steps_done"), ("diverged at", "dive
 def _loss_note(cfg: DLNConfig) -> str:
     if cfg.loss_reduction == "sum":
         return ("Loss: squared error summed over outputs and over all points (the paper's ||W X - A X||^2). "
-                "Averaged over points instead (--loss-reduction mean), every step at the paper's LRs is 1/points as "
+                "PAPER.md's [choice] averages over points; at the paper's LRs that makes every step 1/points as "
                 "large, and the networks barely move (e.g. 104.7 -> 101.1 for the plain network in 4,000 steps at "
                 "LR 1e-6): rerun with --loss-reduction mean to see it.")
-    return ("Loss: squared error summed over outputs, averaged over points (--loss-reduction mean); with the paper's "
+    return ("Loss: squared error summed over outputs, averaged over points (PAPER.md's [choice]); with the paper's "
             "LRs this is 1/points of the paper's step: expect little training.")
 
 

@@ -1,6 +1,6 @@
 """The paper's two networks, built with torch layers and converted by bnext.nn.convert(model, to=norm).
 
-VGG (PROTOCOL.md [choice]): the VGG-16 layout, conv widths 64,64,M,128,128,M,256x3,M,512x3,M,512x3,M times a
+VGG (PAPER.md [choice]): the VGG-16 layout, conv widths 64,64,M,128,128,M,256x3,M,512x3,M,512x3,M times a
 width multiplier, each conv followed by a normalization layer then ReLU (conv -> norm -> ReLU), and a
 linear classifier on the 1x1 feature map. Layer #k is the k-th conv layer (1-based).
 
@@ -20,7 +20,7 @@ import bnext
 
 NORMS = ("none", "bn", "noisy_bn", "l1", "l2", "linf")
 # Not a bnext.nn.convert target: the unnormalized network with noisy BN's noise injected after each conv
-# (PROTOCOL.md claim 2, second half: "the same noise prevents a plain network from training").
+# (PAPER.md claim 2, second half: "the same noise prevents a plain network from training").
 PLAIN_NOISE = "noise"
 VGG_NORMS = NORMS + (PLAIN_NOISE,)
 VGG16_LAYOUT = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
