@@ -104,8 +104,9 @@ def theorem41(model, tracker) -> Optional[Dict[str, Any]]:
         removed = 1.0 - (r.rhs[keep] / r.scale[keep]) / r.g_sq[keep]
         per_layer[name] = {"gamma2_over_sigma2": _finite(r.scale.median()),
                            "removed_fraction": _finite(removed.median()) if keep.any() else None}
-    return {"max_rel_err": _finite(worst), "max_rel_err_paper_form": _finite(paper), "layers": len(res),
-            "channels": sum(int(r.lhs.numel()) for r in res.values()), "per_layer": per_layer}
+    return {"per_layer": per_layer, "max_rel_err": _finite(worst), "max_rel_err_paper_form": _finite(paper),
+            "layers": len(res),
+            "channels": sum(int(r.lhs.numel()) for r in res.values())}
 
 
 class MeasuredTask:
