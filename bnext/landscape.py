@@ -885,6 +885,8 @@ class BNGradientIdentity:
     rhs: Tensor
     rhs_paper: Tensor
     m: int
+    scale: Optional[Tensor] = None   # gamma^2 / sigma^2, the factor the theorem's argument rests on
+    g_sq: Optional[Tensor] = None    # ||g||^2; 1 - (rhs / scale) / g_sq is the share of it the projection removes
 
     @property
     def rel_error(self) -> Tensor:
@@ -946,7 +948,7 @@ def _identity_sums(y: Tensor, g_out: Tensor, out: Optional[Tensor], g_in: Tensor
     rhs = k * (s_gg - s_g ** 2 / m - s_gy ** 2 / m * (2 - s_yy / m) + 2 * s_g * s_gy * s_y / m ** 2)
     rhs_paper = k * (s_gg - s_g ** 2 / m - s_gy ** 2 / m)
     lhs = (g_in.detach().double() ** 2).sum(dims)
-    return BNGradientIdentity(name, lhs, rhs, rhs_paper, m)
+    return BNGradientIdentity(name, lhs, rhs, rhs_paper, m, k, s_gg)
 
 
 class BNGradientTracker:

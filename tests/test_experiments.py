@@ -254,8 +254,9 @@ def test_claim_rules_verdicts():
     g5 = analysis.Grid([_summary("bn", 0.1), _summary("none", 0.1, final_acc=0.2, drift=0.01)], {"noisy_bn": "absent"})
     c2 = analysis.claim2(g5, 0.1)
     assert c2.verdict == analysis.INCONCLUSIVE and "noisy_bn: absent" in c2.measured
-    g6 = analysis.Grid([_summary("bn", 0.1, final_acc=0.9), _summary("noisy_bn", 0.1, final_acc=0.87, drift=1.0),
-                        _summary("none", 0.1, final_acc=0.2, drift=0.01)], {})
+    g6 = analysis.Grid([_summary("bn", 0.1, acc_q3=0.9, acc_q4=0.9),
+                        _summary("noisy_bn", 0.1, acc_q3=0.86, acc_q4=0.87, drift_rel=1.0),
+                        _summary("none", 0.1, acc_q3=0.2, acc_q4=0.2, drift_rel=0.01)], {})
     assert analysis.claim2(g6, 0.1).verdict == analysis.REPRODUCED
     g7 = analysis.Grid([_summary("bn", 0.1, ics_cosine=0.9), _summary("none", 0.1, ics_cosine=0.5)], {})
     assert analysis.claim3_vgg(g7, [0.1]).verdict == analysis.NOT_REPRODUCED
@@ -270,8 +271,10 @@ def test_claim_rules_verdicts():
     g9 = analysis.Grid([_summary("bn", 0.1, loss_range=0.1, grad_pred=0.1, beta=0.5), _summary("none", 0.1)], {})
     c4 = analysis.claim4(g9, 0.1)
     assert c4.verdict == analysis.REPRODUCED and "BN/none = 0.1" in c4.measured
-    g10 = analysis.Grid([_summary("bn", 0.1, final_loss=0.5, kurtosis=0.1), _summary("none", 0.1, final_loss=2.0)]
-                        + [_summary(p, 0.1, final_loss=0.55, kurtosis=2.0) for p in ("l1", "l2", "linf")], {})
+    g10 = analysis.Grid([_summary("bn", 0.1, final_loss=0.5, kurtosis_pooled=0.1),
+                         _summary("none", 0.1, final_loss=2.0, drift_rel=0.01)]
+                        + [_summary(p, 0.1, final_loss=0.55, kurtosis_pooled=2.0, drift_rel=1.0)
+                           for p in ("l1", "l2", "linf")], {})
     assert analysis.claim5(g10, 0.1).verdict == analysis.REPRODUCED
     assert analysis.claim6([_summary("bn", 0.1)]).verdict == analysis.REPRODUCED
     assert analysis.claim6([_summary("bn", 0.1, thm41_max_rel_err=1e-2)]).verdict == analysis.NOT_REPRODUCED

@@ -298,14 +298,29 @@ class ActivationMonitor:
                 prev = self.prev[name]
                 if prev is not None and prev.shape == stats.shape:
                     delta = (stats - prev).abs().mean(dim=1)
+                    rel = self._relative_drift(stats, prev)
                 else:
                     delta = torch.full((2,), float("nan"), device=x.device)
+                    rel = delta[0]
                 self.prev[name] = stats
                 # kept on the device; take() converts all layers at once (one sync per step on CUDA)
-                self.current[name] = torch.stack([layer_mean, layer_var, delta[0], delta[1]])
+                self.current[name] = torch.stack([layer_mean, layer_var, delta[0], delta[1], rel])
                 if self.capture and name in self.hist_layers and self.reduce is None:
                     self.hists[name] = self._histogram(x.transpose(0, 1).reshape(x.shape[1], -1).float())
         return hook
+
+    @staticmethod
+    def _relative_drift(stats: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """Mean over channels of |mu_t - mu_{t-1}| / sigma_{t-1} + |var_t - var_{t-1}| / var_{t-1}: the drift in
+        units of each channel's own scale, so a layer whose activations have std 1e-3 is not called stable
+        only because its changes are small in absolute terms. Channels with zero variance at t-1 (dead or
+        constant) have no scale and are left out; NaN if every channel is."""
+        mean, var = stats[0], stats[1]
+        pmean, pvar = prev[0], prev[1]
+        # no boolean indexing: on CUDA that would synchronize once per layer and step
+        pv = torch.where(pvar > 0, pvar, torch.nan)
+        r = (mean - pmean).abs() / pv.sqrt() + (var - pvar).abs() / pv
+        return torch.nanmean(r)
 
     def _histogram(self, flat: torch.Tensor) -> dict:
         v = flat.reshape(-1)
@@ -326,13 +341,17 @@ class ActivationMonitor:
                 else None}
 
     def take(self) -> Dict[str, Any]:
-        """Per-layer stats of the last forward (lists in layer order) and, if captured, histograms."""
-        cols = {"act_mean": [], "act_var": [], "drift_mean": [], "drift_var": []}
+        """Per-layer stats of the last forward (lists in layer order) and, if captured, histograms.
+
+        act_mean / act_var: the layer's mean and variance over all its values; drift_mean / drift_var:
+        mean over channels of |mu_t - mu_{t-1}| and |var_t - var_{t-1}| (absolute units); drift_rel: the
+        same change relative to each channel's previous std and variance (see _relative_drift)."""
+        cols = {"act_mean": [], "act_var": [], "drift_mean": [], "drift_var": [], "drift_rel": []}
         present = [n for n in self.names if n in self.current]
         values = torch.stack([self.current[n] for n in present]).tolist() if present else []
         by_name = dict(zip(present, values))
         for n in self.names:
-            row = by_name.get(n, [None] * 4)
+            row = by_name.get(n, [None] * len(cols))
             for key, v in zip(cols, row):
                 cols[key].append(v if v is None or math.isfinite(v) else None)
         out = cols

@@ -121,8 +121,8 @@ def specs(cfg: DLNConfig) -> List[RunSpec]:
 
 DLN_COLUMNS = [("run", "run_id"), ("steps", "steps_done"), ("diverged at", "diverged_step"),
                ("initial loss", "initial_loss"), ("final loss", "final_loss"), ("ICS cos", "ics_cosine"),
-               ("ICS l2", "ics_l2"), ("loss range", "loss_range"), ("grad pred.", "grad_pred"), ("beta", "beta"),
-               ("drift", "drift"), ("|kurtosis|", "kurtosis"), ("steps/s", "steps_per_s"), ("steps/s (measured)", "steps_per_s_with_measurement")]
+               ("ICS l2", "ics_l2"), ("loss range", "loss_range"), ("max ||dg||", "grad_pred_top"), ("beta", "beta"),
+               ("rel. drift", "drift_rel"), ("pooled |kurtosis|", "kurtosis_pooled"), ("steps/s", "steps_per_s"), ("steps/s (measured)", "steps_per_s_with_measurement")]
 
 
 def _loss_note(cfg: DLNConfig) -> str:

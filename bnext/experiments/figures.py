@@ -4,6 +4,7 @@
 with a band from the seed minimum to maximum when there is more than one seed.
 """
 import math
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -228,48 +229,79 @@ def ics(runs: Runs, norms: Sequence[str], layers: Sequence[int], lrs: Sequence[f
     return _save(fig, path)
 
 
-def landscape(runs: Runs, norms: Sequence[str], lr: float, path: Path, title: str, group: str = "main") -> Optional[Path]:
-    """Fig 4: loss along the gradient (range over step sizes shaded), gradient predictiveness
-    (range of ||grad(x - eta g) - g|| shaded) and effective beta-smoothness, over training."""
-    norms = [n for n in norms if runs.get((group, n, lr))]
-    if not norms:
-        return None
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    any_data = False
-    for n in norms:
-        recs = runs[(group, n, lr)][0]
+def _band_over_seeds(seeds: List[List[dict]], key: str):
+    """(steps, mean over seeds of min over eta, mean over seeds of max over eta) of probe list `key`."""
+    lo_s, hi_s = [], []
+    for recs in seeds:
         meas = [r for r in recs if r["type"] == "measure" and r.get("probe")]
         if not meas:
             continue
-        any_data = True
-        steps = np.array([m["step"] for m in meas])
-        for ax, key in ((axes[0], "losses"), (axes[1], "grad_diffs")):
-            vals = np.array([[np.nan if v is None else v for v in m["probe"][key]] for m in meas], dtype=float)
-            with np.errstate(all="ignore"):
-                lo, hi = np.nanmin(vals, 1), np.nanmax(vals, 1)
+        vals = np.array([[np.nan if v is None else v for v in m["probe"][key]] for m in meas], dtype=float)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            lo_s.append(dict(zip([m["step"] for m in meas], np.nanmin(vals, 1))))
+            hi_s.append(dict(zip([m["step"] for m in meas], np.nanmax(vals, 1))))
+    if not lo_s:
+        return None
+    steps = sorted(set().union(*lo_s))
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo = np.nanmean(np.array([[d.get(t, np.nan) for t in steps] for d in lo_s]), 0)
+        hi = np.nanmean(np.array([[d.get(t, np.nan) for t in steps] for d in hi_s]), 0)
+    return np.array(steps), lo, hi
+
+
+def landscape(runs: Runs, norms: Sequence[str], lr: float, path: Path, title: str, group: str = "main") -> Optional[Path]:
+    """Fig 4 and its scale-free companions, over training, mean over seeds.
+
+    Top: loss along the gradient (shaded: range over the probe step sizes), gradient predictiveness
+    (shaded: range of ||grad(x - eta g) - g|| over eta; its top is what claim 4 compares) and effective
+    beta-smoothness (band: seed range). Bottom: max ||dg|| / ||g||, loss range / (eta_max ||g||^2) and ||g||
+    itself, which tell a smoother landscape from a larger gradient."""
+    norms = [n for n in norms if runs.get((group, n, lr))]
+    if not norms:
+        return None
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.0))
+    any_data = False
+    n_seeds = 1
+    for n in norms:
+        seeds = runs[(group, n, lr)]
+        n_seeds = max(n_seeds, len(seeds))
+        for ax, key in ((axes[0][0], "losses"), (axes[0][1], "grad_diffs")):
+            band = _band_over_seeds(seeds, key)
+            if band is None:
+                continue
+            any_data = True
+            steps, lo, hi = band
             ax.fill_between(steps, lo, hi, color=COLORS.get(n), alpha=0.3, linewidth=0)
             ax.plot(steps, lo, color=COLORS.get(n), lw=0.8)
             ax.plot(steps, hi, color=COLORS.get(n), lw=0.8, label=LABELS.get(n, n))
-        _plot(axes[2], _series(runs[(group, n, lr)], "measure",
-                               lambda r: (r.get("probe") or {}).get("beta")), n, marker=".", ms=4)
+        for ax, key in ((axes[0][2], "beta"), (axes[1][0], "grad_pred_rel"), (axes[1][1], "loss_range_rel"),
+                        (axes[1][2], "grad_norm")):
+            _plot(ax, _series(seeds, "measure", lambda r, k=key: (r.get("probe") or {}).get(k)), n, marker=".", ms=4)
     if not any_data:
         plt.close(fig)
         return None
-    axes[0].set_ylabel("loss L(x - eta g), range over eta (log)")
-    axes[1].set_ylabel("||grad L(x - eta g) - grad L(x)||, range over eta (log)")
-    axes[2].set_ylabel("effective beta-smoothness (log)")
-    for ax, t in zip(axes, ("(a) loss landscape", "(b) gradient predictiveness", "(c) effective beta-smoothness")):
+    labels = ("loss L(x - eta g), range over eta (log)", "||grad L(x - eta g) - grad L(x)||, range over eta (log)",
+              "effective beta-smoothness (log)", "max over eta ||dg|| / ||g|| (log)",
+              "loss range / (eta_max ||g||^2) (log)", "||g|| (log)")
+    titles = ("(a) loss landscape", "(b) gradient predictiveness", "(c) effective beta-smoothness",
+              "(d) gradient change relative to ||g||", "(e) loss range relative to first order", "(f) gradient norm")
+    for ax, ylabel, t in zip(axes.reshape(-1), labels, titles):
         ax.set_yscale("log")
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.set_xlabel("training step")
         ax.set_title(t)
         ax.grid(alpha=0.3, which="both")
-    _legend(axes[0], fontsize=8)
-    fig.suptitle(title + f" (LR = {lr:g}, seed 0; shaded: range over the probe step sizes)")
+    _legend(axes[0][0], fontsize=8)
+    seeds_text = f"mean over {n_seeds} seeds" if n_seeds > 1 else "one seed"
+    fig.suptitle(title + f" (LR = {lr:g}, {seeds_text}; shaded: range over the probe step sizes)")
     return _save(fig, path)
 
 
 def drift(runs: Runs, norms: Sequence[str], lr: float, path: Path, title: str, group: str = "main") -> Optional[Path]:
-    """Per-step change of each layer's activation mean/variance (per channel, |value_t - value_{t-1}|)."""
+    """Per-step change of each layer's activation statistics: relative to each channel's own scale
+    (|d mu|/sigma + |d var|/var, what claims 2 and 5 compare) and, for reference, in absolute units."""
     norms = [n for n in norms if runs.get((group, n, lr))]
     if not norms:
         return None
@@ -278,39 +310,43 @@ def drift(runs: Runs, norms: Sequence[str], lr: float, path: Path, title: str, g
         seeds = runs[(group, n, lr)]
         sm = _smooth_for(seeds)
 
+        def rel(r):
+            vals = [v for v in (r.get("drift_rel") or []) if v is not None]
+            return sum(vals) / len(vals) if vals else None
+
         def total(r):
             dm, dv = r.get("drift_mean") or [], r.get("drift_var") or []
             vals = [a + b for a, b in zip(dm, dv) if a is not None and b is not None]
             return sum(vals) / len(vals) if vals else None
-        _plot(axes[0], _series(seeds, "train", total, smooth=sm), n)
-        for ax, key in ((axes[1], "drift_mean"), (axes[2], "drift_var")):
-            per_layer = []
-            for recs in seeds:
-                rows = [r[key] for r in recs if r["type"] == "train" and r.get(key)]
-                arr = np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
-                if arr.size:
-                    with np.errstate(all="ignore"):
-                        import warnings
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore", RuntimeWarning)
-                            per_layer.append(np.nanmean(arr, 0))
-            if per_layer:
+        _plot(axes[0], _series(seeds, "train", rel, smooth=sm), n)
+        _plot(axes[2], _series(seeds, "train", total, smooth=sm), n)
+        per_layer = []
+        for recs in seeds:
+            rows = [r["drift_rel"] for r in recs if r["type"] == "train" and r.get("drift_rel")]
+            arr = np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
+            if arr.size:
+                with np.errstate(all="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    per_layer.append(np.nanmean(arr, 0))
+        if per_layer:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
                 m = np.nanmean(np.array(per_layer), 0)
-                ax.plot(np.arange(1, len(m) + 1), m, marker="o", ms=4, color=COLORS.get(n), label=LABELS.get(n, n))
-    axes[0].set_ylabel("mean over layers of |d mean| + |d var| per step (log)")
+            axes[1].plot(np.arange(1, len(m) + 1), m, marker="o", ms=4, color=COLORS.get(n), label=LABELS.get(n, n))
+    axes[0].set_ylabel("mean over layers of |d mu|/sigma + |d var|/var (log)")
     axes[0].set_xlabel("training step")
-    axes[0].set_title("(a) activation drift per step")
-    axes[1].set_ylabel("|mean_t - mean_{t-1}|, averaged over steps (log)")
-    axes[1].set_title("(b) per-layer change of the activation mean")
-    axes[2].set_ylabel("|var_t - var_{t-1}|, averaged over steps (log)")
-    axes[2].set_title("(c) per-layer change of the activation variance")
+    axes[0].set_title("(a) relative activation drift per step")
+    axes[1].set_ylabel("|d mu|/sigma + |d var|/var, mean over steps (log)")
+    axes[1].set_xlabel("layer # (normalization output)")
+    axes[1].set_title("(b) relative drift per layer")
+    axes[2].set_ylabel("mean over layers of |d mean| + |d var| (log)")
+    axes[2].set_xlabel("training step")
+    axes[2].set_title("(c) absolute drift per step (for reference)")
     for ax in axes:
         ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
-    for ax in axes[1:]:
-        ax.set_xlabel("layer # (normalization output)")
     _legend(axes[0], fontsize=8)
-    fig.suptitle(title + f" (LR = {lr:g}; per channel, averaged over channels)")
+    fig.suptitle(title + f" (LR = {lr:g}; per channel, averaged over channels; mean over seeds)")
     return _save(fig, path)
 
 

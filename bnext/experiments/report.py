@@ -1,11 +1,66 @@
 """report.md: setup (data, device, versions), the claims table, the runs, the figures.
 
+`ReportContext` is what the runner hands an experiment's report function once every run is on disk.
 `parse_claims(text)` reads the claims table back (used by the tests, usable by anyone)."""
+import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .analysis import Claim
+from .analysis import Claim, Grid
+
+
+@dataclasses.dataclass
+class ReportContext:
+    """Everything a report is computed from, after all runs of an invocation are on disk.
+
+    records: (group, norm, lr) -> one list of metrics.jsonl records per seed (what the figures plot);
+    summaries: every finished run's summary.json (what the claims are decided on), in grid order;
+    missing: norm -> why it could not run in this build; failed: run_id -> why it failed;
+    data_source: the data-source description the task reports: a string, or a dict whose
+    "description" is the text and whose optional "statistics" holds the pixel statistics of the data
+    (see `data_statistics`)."""
+    cfg: Any
+    out: Path
+    grid: Grid
+    records: Dict[Tuple[str, str, float], List[List[dict]]]
+    summaries: List[dict]
+    env: Dict[str, Any]
+    data_source: Any
+    timing: Dict[str, Any]
+    command: str
+    missing: Dict[str, str] = dataclasses.field(default_factory=dict)
+    failed: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def coerce(cls, ctx) -> "ReportContext":
+        """A ReportContext as is, or one built from the keyword dict the runner used to pass."""
+        if isinstance(ctx, cls):
+            return ctx
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(ctx) - names)
+        if unknown:
+            raise TypeError(f"ReportContext: unknown field(s) {unknown}")
+        return cls(**ctx)
+
+    def __getitem__(self, key: str):
+        # the report functions were written against a dict: ctx["cfg"] keeps working while they move over
+        if key not in {f.name for f in dataclasses.fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    @property
+    def data_text(self) -> str:
+        d = self.data_source
+        if isinstance(d, dict):
+            return str(d.get("description") or d.get("source") or {k: v for k, v in d.items() if k != "statistics"})
+        return str(d)
+
+    @property
+    def data_statistics(self) -> Optional[Dict[str, Any]]:
+        d = self.data_source
+        st = d.get("statistics") if isinstance(d, dict) else None
+        return st if isinstance(st, dict) else None
 
 CLAIMS_HEADER = "| # | claim | rule | measured | verdict |"
 
@@ -69,24 +124,68 @@ def _split_row(line: str) -> List[str]:
 
 
 RUN_COLUMNS = [("run", "run_id"), ("steps", "steps_done"), ("diverged at", "diverged_step"),
-               ("final loss", "final_loss"), ("final train acc", "final_acc"), ("test acc", "test_acc"),
-               ("ICS cos", "ics_cosine"), ("loss range", "loss_range"), ("grad pred.", "grad_pred"),
-               ("beta", "beta"), ("drift", "drift"), ("|kurtosis|", "kurtosis"), ("steps/s", "steps_per_s"),
+               ("initial loss", "initial_loss"), ("final loss", "final_loss"), ("trained", "trained"),
+               ("final train acc", "final_acc"), ("test acc", "test_acc"),
+               ("ICS cos (#2..)", "ics_cosine"), ("loss range", "loss_range"), ("max ||dg||", "grad_pred_top"),
+               ("max ||dg||/||g||", "grad_pred_rel"), ("beta", "beta"), ("rel. drift", "drift_rel"),
+               ("pooled |kurtosis|", "kurtosis_pooled"), ("steps/s", "steps_per_s"),
                ("steps/s (measured)", "steps_per_s_with_measurement")]
+
+
+def statistics_line(stats: Optional[Dict[str, Any]]) -> Optional[str]:
+    """The data's pixel statistics in one line (None when the data source did not record them)."""
+    if not isinstance(stats, dict) or not stats:
+        return None
+    parts = []
+    for key, label in (("neighbour_correlation", "neighbouring-pixel correlation"),
+                       ("difference_kurtosis", "excess kurtosis of neighbouring-pixel differences")):
+        if key in stats:
+            parts.append(f"{label} {_fmt(stats[key], 3)}")
+    for key, label in (("channel_mean", "per-channel mean"), ("channel_std", "per-channel std")):
+        v = stats.get(key)
+        if isinstance(v, (list, tuple)):
+            parts.append(f"{label} [" + ", ".join(_fmt(x, 3) for x in v) + "]")
+    known = {"neighbour_correlation", "difference_kurtosis", "channel_mean", "channel_std"}
+    parts += [f"{k} {_fmt(v, 3)}" for k, v in stats.items() if k not in known and not isinstance(v, (dict, list))]
+    return "; ".join(parts) if parts else None
+
+
+def seeds_line(summaries: List[dict]) -> str:
+    """How many seeds the claims average over, and what that means for their margins."""
+    seeds = sorted({s["spec"]["seed"] for s in summaries if s["spec"].get("group") == "main"})
+    if len(seeds) > 1:
+        return (f"{len(seeds)} seeds ({', '.join(map(str, seeds))}): figures show the mean over seeds with a band "
+                "from the seed minimum to maximum; margins count only outside the seed-to-seed std.")
+    return ("one seed: no seed-to-seed spread is measured, so margins count only outside 10% of the larger value "
+            "and the figures have no seed band.")
 
 
 def run_rows(summaries: List[dict], columns=RUN_COLUMNS) -> List[List[Any]]:
     return [[s.get(key) for _, key in columns] for s in summaries]
 
 
-def write_report(path: Path, *, title: str, command: str, env: Dict[str, Any], data_source: str,
+def write_report(path: Path, *, title: str, command: str, env: Dict[str, Any], data_source: Any,
                  settings: Dict[str, Any], claims: Sequence[Claim], summaries: List[dict],
                  missing: Dict[str, str], failed: Dict[str, str], figures: List[tuple], timing: Dict[str, Any],
-                 notes: Optional[List[str]] = None, columns=RUN_COLUMNS) -> str:
+                 notes: Optional[List[str]] = None, columns=RUN_COLUMNS,
+                 statistics: Optional[Dict[str, Any]] = None, rule_notes: Optional[List[str]] = None) -> str:
+    """report.md. data_source: a string, or a dict with "description" and optional "statistics" (the pixel
+    statistics of the data, printed when present; `statistics` overrides them). rule_notes: where a rule
+    goes beyond PROTOCOL.md's defaults and why (analysis.RULE_NOTES by default)."""
+    from .analysis import RULE_NOTES
     from .common import atomic_write_text
+    if isinstance(data_source, dict):
+        ds = ReportContext(None, Path("."), None, {}, [], {}, data_source, {}, "")
+        data_text, statistics = ds.data_text, statistics if statistics is not None else ds.data_statistics
+    else:
+        data_text = str(data_source)
+    stats_text = statistics_line(statistics)
     L = [f"# {title}", "", f"Command: `{command}`", ""]
     L += ["## Setup", "",
-          f"- **Data:** {data_source}",
+          f"- **Data:** {data_text}"]
+    if stats_text:  # a data source that records no statistics (or puts them in its text) gets no line
+        L.append(f"- **Data statistics:** {stats_text}")
+    L += [f"- **Seeds:** {seeds_line(summaries)}",
           f"- **Device:** {env.get('device')} ({env.get('device_name')}); bnext kernels that ran: "
           f"**{env.get('bnext_kernels_ran')}**; CUDA kernels built into this bnext: "
           f"{_fmt(env.get('bnext_cuda_kernels_built'))}",
@@ -109,12 +208,17 @@ def write_report(path: Path, *, title: str, command: str, env: Dict[str, Any], d
             L.append(f"- `{run}`: failed: {why}")
         L.append("")
     L += ["## Claims", "",
-          "Verdicts are computed from the runs below by PAPER.md's rules (final figures: mean over the last 10% "
-          "of steps; landscape figures: median over measurement points; mean over seeds, +- the seed std).", "",
+          "Verdicts are computed from the runs below by the rules of bnext/experiments/PROTOCOL.md, each printed "
+          "next to its verdict (final figures: mean over the last 10% of steps; landscape figures: median over "
+          "measurement points; mean over seeds, +- the seed std). A comparison with a network that did not train "
+          "is inconclusive, whatever its numbers.", "",
           claims_markdown(claims), ""]
+    rn = RULE_NOTES if rule_notes is None else rule_notes
+    if rn:
+        L += ["### Rules beyond the protocol's defaults", ""] + [f"- {n}" for n in rn] + [""]
     if notes:
         L += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    L += ["## Runs", "", "| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    L += ["## Runs", "", "| " + " | ".join(_cell(h) for h, _ in columns) + " |", "|" + "---|" * len(columns)]
     for row in run_rows(summaries, columns):
         L.append("| " + " | ".join(_cell(_fmt(v)) for v in row) + " |")
     L += ["", "## Figures", ""]
