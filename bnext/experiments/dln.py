@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple
 import torch
 
 from . import analysis, figures
-from .common import RunSpec, describe_data
+from .common import RunSpec
 from .config import BaseConfig, option, parse_config
 from .models import NORMS, build_dln, named_points
 from .runner import Experiment, execute
@@ -128,10 +128,10 @@ DLN_COLUMNS = [("run", "run_id"), ("steps", "steps_done"), ("diverged at", "dive
 def _loss_note(cfg: DLNConfig) -> str:
     if cfg.loss_reduction == "sum":
         return ("Loss: squared error summed over outputs and over all points (the paper's ||W X - A X||^2). "
-                "PROTOCOL.md's [choice] averages over points; at the paper's LRs that makes every step 1/points as "
-                "large, and the networks barely move (e.g. 104.7 -> 101.1 for the plain network in 4,000 steps at "
+                "Averaging over points instead (--loss-reduction mean) makes every step 1/points as large at the "
+                "paper's LRs, and the networks barely move (e.g. 104.7 -> 101.1 for the plain network in 4,000 steps at "
                 "LR 1e-6): rerun with --loss-reduction mean to see it.")
-    return ("Loss: squared error summed over outputs, averaged over points (PROTOCOL.md's [choice]); with the paper's "
+    return ("Loss: squared error summed over outputs, averaged over points (--loss-reduction mean; PROTOCOL.md's default is the sum); with the paper's "
             "LRs this is 1/points of the paper's step: expect little training.")
 
 
@@ -167,7 +167,7 @@ def make_report(ctx) -> tuple:
         add(figures.curvature(runs, cfg.norms, ref, out / "dln_curvature.png", "DLN: top Hessian eigenvalue"),
             "DLN: top Hessian eigenvalue")
     text = write_report(out / "report.md", title="How does BatchNorm help optimization? Deep linear network",
-                        command=ctx["command"], env=ctx["env"], data_source=describe_data(ctx["data_source"]),
+                        command=ctx["command"], env=ctx["env"], data_source=ctx["data_source"],
                         settings={k: getattr(cfg, k) for k in ("preset", "depth", "dim", "points", "loss_reduction", "steps",
                                                               "measure_every", "seeds")},
                         claims=claims, summaries=ctx["summaries"], missing=ctx["missing"], failed=ctx["failed"],

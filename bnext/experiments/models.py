@@ -22,7 +22,7 @@ import bnext
 
 NORMS = ("none", "bn", "noisy_bn", "l1", "l2", "linf")
 # Not a bnext.nn.convert target: the unnormalized network with noisy BN's noise injected after each conv
-# (PAPER.md claim 2, second half: "the same noise prevents a plain network from training").
+# (PROTOCOL.md claim 2, second half: "the same noise prevents a plain network from training").
 PLAIN_NOISE = "noise"
 VGG_NORMS = NORMS + (PLAIN_NOISE,)
 # convs per block (5 blocks of 64, 128, 256, 512, 512 channels, each ending in a 2x2 max-pool)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from . import analysis, common, train
 from .common import Dist, RunSpec
+from .report import ReportContext
 
 # Options that may change between invocations on the same --out: they select runs or the machine, not
 # what a run computes.
@@ -225,9 +226,8 @@ def _execute(exp: Experiment, dist: Dist) -> int:
               "runs_wall_s": sum(s.get("wall_s") or 0.0 for s in summaries),
               "steps_per_s": sps[len(sps) // 2] if sps else None,
               "steps_per_s_measured": spm[len(spm) // 2] if spm else None}
-    # the fields of report.ReportContext, which accepts this dict (ReportContext.coerce)
-    ctx = dict(cfg=cfg, out=out, grid=grid, records=records, summaries=summaries, missing={}, failed=failed,
-               env=env, data_source=task.data_source, timing=timing, command=_command(exp))
+    ctx = ReportContext(cfg=cfg, out=out, grid=grid, records=records, summaries=summaries, missing={}, failed=failed,
+                        env=env, data_source=task.data_source, timing=timing, command=_command(exp))
     claims, figures, _ = exp.report(ctx)
     common.atomic_write_json(out / "summary.json", {
         "config": cfg_dict, "environment": env, "data_source": task.data_source, "timing": timing,

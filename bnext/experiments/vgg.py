@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import analysis, figures
-from .common import RunSpec, describe_data
+from .common import RunSpec
 from .config import BaseConfig, option, parse_config
 from .models import NORMS, PLAIN_NOISE, VGG_BLOCKS, VGG_NORMS, build_vgg, named_points, paper_layer, vgg_layer_names
 from .runner import Experiment, execute
@@ -249,7 +249,7 @@ def make_report(ctx) -> tuple:
         add(figures.curvature(runs, main, ref, out / "fig_curvature.png", "Top Hessian eigenvalue over training"),
             "Curvature: top Hessian eigenvalue")
     text = write_report(out / "report.md", title="How does BatchNorm help optimization? VGG reproduction",
-                        command=ctx["command"], env=ctx["env"], data_source=describe_data(ctx["data_source"]),
+                        command=ctx["command"], env=ctx["env"], data_source=ctx["data_source"],
                         settings={k: getattr(cfg, k) for k in ("preset", "arch", "width", "steps", "batch_size", "train_size",
                                                               "test_size", "measure_every", "eval_every", "seeds")},
                         claims=claims, summaries=ctx["summaries"], missing=ctx["missing"], failed=ctx["failed"],
