@@ -20,7 +20,10 @@ Excluded from torch's ModuleInfo test classes, by name:
         covers bnext's CUDA kernels);
     TestEagerFusionModuleInfo.test_aot_autograd_*: torch itself marks BatchNorm in training an expected
         failure there (module_db's decorators); torch.compile of the ops is tests/test_batch_norm.py's.
-No sample is excluded.
+No sample is excluded from the forward/backward, state_dict, repr, factory and save/load checks. The
+zero_batch samples (batch of 0) are left out of three checks where an empty output has nothing to show:
+train/eval difference and gradcheck (no entries), channels_last layout (an empty tensor is contiguous in
+every memory format).
 
 Noisy BatchNorm and l_p take the same samples where they make sense (PAPER.md: both are BatchNorm with
 other statistics): construction with torch's arguments, state_dict (torch's keys; l_p has running_norm
