@@ -153,9 +153,7 @@ class _Model:
     def __init__(self, op: str, model: nn.Module, loss_fn: Optional[LossFn], batch, criterion=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
-        loss_fn = _loss_from(op, loss_fn, criterion, batch)
-        if batch is None:
-            raise TypeError(f"{op}: batch is required (what loss_fn(model, batch) receives)")
+        loss_fn = _loss_from(op, loss_fn, criterion, batch)  # batch is passed through: None is a batch too
         self.op, self.model, self.batch = op, model, batch
         self.wrapper = _LossModule(model, loss_fn, op)
         named = list(model.named_parameters())
