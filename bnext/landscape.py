@@ -104,8 +104,9 @@ def _loss_from(op: str, loss_fn, criterion, batch):
             raise TypeError(f"{op}: criterion must be callable as criterion(model(inputs), targets), got "
                             f"{type(criterion).__name__}")
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ValueError(f"{op}: with criterion=, batch must be a pair (inputs, targets), got "
-                             f"{type(batch).__name__}{'' if not isinstance(batch, (tuple, list)) else f' of length {len(batch)}'}")
+            got = f"a {type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) \
+                else type(batch).__name__
+            raise ValueError(f"{op}: with criterion=, batch must be a pair (inputs, targets), got {got}")
         return lambda model, b: criterion(model(b[0]), b[1])
     if loss_fn is None:
         raise TypeError(f"{op}: give loss_fn (called as loss_fn(model, batch)) or criterion= (called as "

@@ -180,7 +180,8 @@ def test_convert_keeps_configuration_and_state_both_ways(torch_cls, cls, shape, 
     for to in ("noisy_bn", "l2"):
         other = bnn.convert(copy.deepcopy(ref), to=to)
         assert (other.bias is None) == (ref.bias is None) and other.affine == ref.affine
-        assert (other.momentum, other.eps, other.track_running_stats) == (ref.momentum, ref.eps, ref.track_running_stats)
+        assert (other.momentum, other.eps, other.track_running_stats) == \
+            (ref.momentum, ref.eps, ref.track_running_stats)
         again = bnn.convert(other, to="torch")
         assert type(again) is torch_cls and (again.bias is None) == (ref.bias is None)
 
