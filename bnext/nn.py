@@ -19,9 +19,9 @@ from . import distributed as _dist
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "NoisyBatchNorm1d", "NoisyBatchNorm2d",
            "NoisyBatchNorm3d", "NoisySyncBatchNorm", "LpNorm1d", "LpNorm2d", "LpNorm3d", "SyncLpNorm", "convert"]
 
-# torch's BatchNorm took bias= (an affine weight without a bias) only from some 2.x release on; with an
-# older torch the modules still accept bias=False and drop the bias themselves (its repr then has no
-# bias= field, like that torch's).
+# torch's BatchNorm takes bias= (an affine weight without a bias) in recent releases (2.13 does), not
+# necessarily in every torch pyproject.toml allows; with one that does not, the modules still accept
+# bias=False and drop the bias themselves (the repr then has no bias= field, like that torch's).
 _TORCH_TAKES_BIAS = "bias" in inspect.signature(torch.nn.modules.batchnorm._NormBase.__init__).parameters
 
 
