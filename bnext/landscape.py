@@ -12,6 +12,11 @@ Optimization?" (NeurIPS 2018), for any torch.nn.Module.
 Conventions shared by every function:
 - ``loss_fn(model, batch) -> scalar Tensor`` computes the training loss exactly as the training
   step does (e.g. ``lambda m, b: F.cross_entropy(m(b[0]), b[1])``); ``batch`` is passed through.
+  Or, as in PyHessian and loss-landscape: ``criterion=`` (keyword) with ``batch = (inputs, targets)``,
+  the loss being ``criterion(model(inputs), targets)``, e.g. ``ics(model, batch=(x, y),
+  criterion=F.cross_entropy, lr=0.1)``. Give exactly one; a criterion passed as ``loss_fn`` (a
+  torch.nn loss module or a torch.nn.functional function, or one that fails on the model as its
+  first argument) raises a TypeError that shows both forms.
 - "The parameters" are the model's trainable parameters (``requires_grad``), in
   ``named_parameters()`` order.
 - The model is evaluated in its current mode (train mode: BatchNorm uses batch statistics), through
@@ -67,33 +72,91 @@ def _measurement(fn):
 # Shared machinery: functional evaluation, generators, tensors lists
 # =================================================================================================
 
+def _both_forms(op: str, name: str) -> str:
+    short = op.rsplit(".", 1)[-1]
+    return (f"either {short}(model, batch=(inputs, targets), criterion={name}, ...) or "
+            f"{short}(model, lambda model, batch: {name}(model(batch[0]), batch[1]), batch, ...)")
+
+
+def _name_of(fn) -> str:
+    """How the error messages spell the user's callable: F.cross_entropy, CrossEntropyLoss(), criterion."""
+    name = getattr(fn, "__qualname__", None)
+    if name is None:
+        return type(fn).__name__ + "()"
+    if "<" in name:  # a lambda or a local function
+        return "criterion"
+    return ("F." + name) if getattr(fn, "__module__", None) == "torch.nn.functional" else name
+
+
+def _looks_like_criterion(fn) -> bool:
+    """A torch loss module or a torch.nn.functional function: these take (outputs, targets), never a model."""
+    if isinstance(fn, nn.modules.loss._Loss):
+        return True
+    return getattr(fn, "__module__", None) in ("torch.nn.functional", "torch._C._nn")
+
+
+def _loss_from(op: str, loss_fn, criterion, batch):
+    """The loss as loss_fn(model, batch), from either convention (see the module docstring)."""
+    if loss_fn is not None and criterion is not None:
+        raise TypeError(f"{op}: give loss_fn(model, batch) or criterion(outputs, targets), not both")
+    if criterion is not None:
+        if not callable(criterion):
+            raise TypeError(f"{op}: criterion must be callable as criterion(model(inputs), targets), got "
+                            f"{type(criterion).__name__}")
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            got = f"a {type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) \
+                else type(batch).__name__
+            raise ValueError(f"{op}: with criterion=, batch must be a pair (inputs, targets), got {got}")
+        return lambda model, b: criterion(model(b[0]), b[1])
+    if loss_fn is None:
+        raise TypeError(f"{op}: give loss_fn (called as loss_fn(model, batch)) or criterion= (called as "
+                        "criterion(model(inputs), targets) with batch = (inputs, targets))")
+    if not callable(loss_fn):
+        raise TypeError(f"{op}: loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+    if _looks_like_criterion(loss_fn):
+        name = _name_of(loss_fn)
+        raise TypeError(f"{op}: loss_fn is called as loss_fn(model, batch), but {name} is a criterion "
+                        f"(called as criterion(outputs, targets)); use {_both_forms(op, name)}")
+    return loss_fn
+
+
 class _LossModule(nn.Module):
     """forward(batch) = loss_fn(model, batch): lets functional_call swap the model's parameters
     while the user's loss function runs."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn):
+    def __init__(self, model: nn.Module, loss_fn: LossFn, op: str = "bnext.landscape"):
         super().__init__()
         self.model = model
         object.__setattr__(self, "_loss_fn", loss_fn)  # never registered as a submodule
         object.__setattr__(self, "context", None)
+        object.__setattr__(self, "_op", op)
 
     def forward(self, batch):
-        if self.context is None:
-            return self._loss_fn(self.model, batch)
-        with self.context():
-            return self._loss_fn(self.model, batch)
+        try:
+            if self.context is None:
+                return self._loss_fn(self.model, batch)
+            with self.context():
+                return self._loss_fn(self.model, batch)
+        except (TypeError, AttributeError) as e:
+            # A criterion given as loss_fn fails inside torch with the model where a tensor belongs
+            # ("must be Tensor, not Sequential", "'Sequential' object has no attribute 'size'").
+            if f"{type(self.model).__name__}'" not in str(e) and f"not {type(self.model).__name__}" not in str(e):
+                raise
+            name = _name_of(self._loss_fn)
+            raise TypeError(f"{self._op}: loss_fn {name} failed with the model as an argument ({e}); it is called "
+                            f"as loss_fn(model, batch). If it is a criterion(outputs, targets), use "
+                            f"{_both_forms(self._op, name)}") from e
 
 
 class _Model:
     """A model's parameters and buffers by name, and one functional loss evaluation."""
 
-    def __init__(self, op: str, model: nn.Module, loss_fn: LossFn, batch):
+    def __init__(self, op: str, model: nn.Module, loss_fn: Optional[LossFn], batch, criterion=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
-            raise TypeError(f"{op}: loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+        loss_fn = _loss_from(op, loss_fn, criterion, batch)  # batch is passed through: None is a batch too
         self.op, self.model, self.batch = op, model, batch
-        self.wrapper = _LossModule(model, loss_fn)
+        self.wrapper = _LossModule(model, loss_fn, op)
         named = list(model.named_parameters())
         self.names = ["model." + n for n, _ in named]
         self.params = [p for _, p in named]
@@ -432,9 +495,9 @@ def _resolve_layers(op: str, model: nn.Module, layers, tracer: _CallTracer, st: 
 
 
 @_measurement
-def ics(model: nn.Module, loss_fn: LossFn, batch, lr: Optional[float] = None,
+def ics(model: nn.Module, loss_fn: Optional[LossFn] = None, batch=None, lr: Optional[float] = None,
         optimizer: Optional[torch.optim.Optimizer] = None, layers=None,
-        scheme: str = "auto") -> List[LayerICS]:
+        scheme: str = "auto", *, criterion=None) -> List[LayerICS]:
     """Internal covariate shift of every layer, Definition 2.1 of the paper.
 
     For layer i with weight W_i, on one batch:
@@ -470,7 +533,7 @@ def ics(model: nn.Module, loss_fn: LossFn, batch, lr: Optional[float] = None,
         raise ValueError(f"{op}: lr must be a finite number, got {lr!r}")
     if scheme not in ("auto", "shared_prefix", "naive"):
         raise ValueError(f"{op}: scheme must be 'auto', 'shared_prefix' or 'naive', got {scheme!r}")
-    st = _Model(op, model, loss_fn, batch)
+    st = _Model(op, model, loss_fn, batch, criterion)
     gens = _Generators(model)
     rng0 = gens.get()
     try:
@@ -685,8 +748,9 @@ def _probe_sequential(st: _Model, gens, rng0, stacked: List[Tensor]):
 
 
 @_measurement
-def line_probe(model: nn.Module, loss_fn: LossFn, batch, etas: Sequence[float], direction=None, *,
-               mode: str = "auto", chunk_size: Optional[int] = None, seed: int = 0) -> LineProbe:
+def line_probe(model: nn.Module, loss_fn: Optional[LossFn] = None, batch=None, etas: Sequence[float] = None,
+               direction=None, *, mode: str = "auto", chunk_size: Optional[int] = None, seed: int = 0,
+               criterion=None) -> LineProbe:
     """The landscape along a direction (Sec. 3.2 and App. A.2.2 of the paper).
 
     At the current parameters x with loss L and gradient g (this batch, current mode: batch
@@ -713,6 +777,8 @@ def line_probe(model: nn.Module, loss_fn: LossFn, batch, etas: Sequence[float], 
     op = "bnext.landscape.line_probe"
     if mode not in ("auto", "batched", "sequential"):
         raise ValueError(f"{op}: mode must be 'auto', 'batched' or 'sequential', got {mode!r}")
+    if etas is None:
+        raise TypeError(f"{op}: etas (the step sizes) is required")
     if isinstance(etas, Tensor):
         etas = etas.reshape(-1).tolist() if etas.dim() <= 1 else etas
     try:
@@ -723,7 +789,7 @@ def line_probe(model: nn.Module, loss_fn: LossFn, batch, etas: Sequence[float], 
         raise ValueError(f"{op}: etas must be finite numbers, got {etas}")
     if not etas:
         raise ValueError(f"{op}: etas must hold at least one step size")
-    st = _Model(op, model, loss_fn, batch)
+    st = _Model(op, model, loss_fn, batch, criterion)
     gens = _Generators(model)
     rng0 = gens.get()
     try:
@@ -770,8 +836,8 @@ class _HessianVectorProduct:
     values, by double backward (through bnext's differentiable BatchNorm backward). One forward
     and first backward (create_graph=True), reused for every product."""
 
-    def __init__(self, op, model, loss_fn, batch):
-        self.st = st = _Model(op, model, loss_fn, batch)
+    def __init__(self, op, model, loss_fn, batch, criterion=None):
+        self.st = st = _Model(op, model, loss_fn, batch, criterion)
         values = st.detached()
         self.leaves = st.leaves(values, st.trainable)
         grads = torch.autograd.grad(st.loss(values), self.leaves, create_graph=True, allow_unused=True)
@@ -794,8 +860,8 @@ def _generator_for(t: Tensor, seed: int) -> torch.Generator:
 
 
 @_measurement
-def hessian_top_eigenvalue(model: nn.Module, loss_fn: LossFn, batch, iters: int = 100, tol: float = 1e-3,
-                           seed: int = 0) -> float:
+def hessian_top_eigenvalue(model: nn.Module, loss_fn: Optional[LossFn] = None, batch=None, iters: int = 100,
+                           tol: float = 1e-3, seed: int = 0, *, criterion=None) -> float:
     """The Hessian eigenvalue of largest magnitude (signed), by power iteration.
 
     H = d^2 L / dx^2 over the trainable parameters x at their current values, on this batch, in
@@ -812,7 +878,7 @@ def hessian_top_eigenvalue(model: nn.Module, loss_fn: LossFn, batch, iters: int 
     gens = _Generators(model)
     rng0 = gens.get()
     try:
-        hvp = _HessianVectorProduct(op, model, loss_fn, batch)
+        hvp = _HessianVectorProduct(op, model, loss_fn, batch, criterion)
         gen = _generator_for(hvp.leaves[0], seed)
         v = [torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=gen) for x in hvp.leaves]
         norm = float(grad_stats(v, v)[:, 0].sum().sqrt())
@@ -835,7 +901,8 @@ def hessian_top_eigenvalue(model: nn.Module, loss_fn: LossFn, batch, iters: int 
 
 
 @_measurement
-def hessian_trace(model: nn.Module, loss_fn: LossFn, batch, samples: int = 100, seed: int = 0) -> float:
+def hessian_trace(model: nn.Module, loss_fn: Optional[LossFn] = None, batch=None, samples: int = 100,
+                  seed: int = 0, *, criterion=None) -> float:
     """Hutchinson's estimate of the Hessian trace, tr(H) = E_v[v^T H v] with Rademacher v
     (entries +-1), averaged over ``samples`` vectors from a private generator seeded by ``seed``.
 
@@ -848,7 +915,7 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, batch, samples: int = 100, 
     gens = _Generators(model)
     rng0 = gens.get()
     try:
-        hvp = _HessianVectorProduct(op, model, loss_fn, batch)
+        hvp = _HessianVectorProduct(op, model, loss_fn, batch, criterion)
         gen = _generator_for(hvp.leaves[0], seed)
         total = 0.0
         for _ in range(samples):

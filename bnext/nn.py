@@ -1,22 +1,37 @@
 """Drop-in normalization modules and model conversion.
 
-bnext.nn.BatchNorm1d/2d/3d subclass torch's classes: same constructor arguments, parameters,
-buffers and state_dict keys (num_batches_tracked included), so checkpoints move freely between
-torch and bnext, and code that tests isinstance(m, torch.nn.BatchNorm2d) keeps working. Only
-forward differs: it runs bnext's fused kernels, optionally with a fused ReLU.
+bnext.nn.BatchNorm1d/2d/3d (and SyncBatchNorm) subclass torch's classes: same constructor
+arguments (bias= and the device/dtype factory keywords included), parameters, buffers, state_dict
+keys (num_batches_tracked included) and repr, so checkpoints move freely between torch and bnext,
+and code that tests isinstance(m, torch.nn.BatchNorm2d) keeps working. Only forward differs: it
+runs bnext's fused kernels, optionally with a fused ReLU.
 """
+import inspect
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-import math
-
 from .ops import batch_norm, check_norm_args, check_p, lp_norm, noisy_batch_norm, _check_noise_args
 from . import distributed as _dist
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "NoisyBatchNorm1d", "NoisyBatchNorm2d",
-           "NoisyBatchNorm3d", "LpNorm1d", "LpNorm2d", "LpNorm3d", "convert"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "NoisyBatchNorm1d", "NoisyBatchNorm2d",
+           "NoisyBatchNorm3d", "NoisySyncBatchNorm", "LpNorm1d", "LpNorm2d", "LpNorm3d", "SyncLpNorm", "convert"]
+
+# torch's BatchNorm takes bias= (an affine weight without a bias) in recent releases (2.13 does), not
+# necessarily in every torch pyproject.toml allows; with one that does not, the modules still accept
+# bias=False and drop the bias themselves (the repr then has no bias= field, like that torch's).
+_TORCH_TAKES_BIAS = "bias" in inspect.signature(torch.nn.modules.batchnorm._NormBase.__init__).parameters
+
+
+def _bias_kwargs(bias: bool) -> dict:
+    return {"bias": bool(bias)} if _TORCH_TAKES_BIAS else {}
+
+
+def _drop_bias_if_unsupported(module, bias: bool):
+    if not _TORCH_TAKES_BIAS and not bias and module.affine:
+        module.register_parameter("bias", None)
 
 
 class _ProcessGroupMixin:
@@ -71,8 +86,11 @@ class BatchNorm1d(_FusedBatchNormMixin, torch.nn.BatchNorm1d):
     """torch.nn.BatchNorm1d on bnext kernels; ``activation="relu"`` fuses a ReLU."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, activation: Optional[str] = None, process_group=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 device=None, dtype=None, *, bias: bool = True, activation: Optional[str] = None,
+                 process_group=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         **_bias_kwargs(bias))
+        _drop_bias_if_unsupported(self, bias)
         self._init_activation(activation)
         self.process_group = process_group
 
@@ -81,8 +99,11 @@ class BatchNorm2d(_FusedBatchNormMixin, torch.nn.BatchNorm2d):
     """torch.nn.BatchNorm2d on bnext kernels; ``activation="relu"`` fuses a ReLU."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, activation: Optional[str] = None, process_group=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 device=None, dtype=None, *, bias: bool = True, activation: Optional[str] = None,
+                 process_group=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         **_bias_kwargs(bias))
+        _drop_bias_if_unsupported(self, bias)
         self._init_activation(activation)
         self.process_group = process_group
 
@@ -91,10 +112,31 @@ class BatchNorm3d(_FusedBatchNormMixin, torch.nn.BatchNorm3d):
     """torch.nn.BatchNorm3d on bnext kernels; ``activation="relu"`` fuses a ReLU."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, activation: Optional[str] = None, process_group=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 device=None, dtype=None, *, bias: bool = True, activation: Optional[str] = None,
+                 process_group=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         **_bias_kwargs(bias))
+        _drop_bias_if_unsupported(self, bias)
         self._init_activation(activation)
         self.process_group = process_group
+
+
+class SyncBatchNorm(_FusedBatchNormMixin, torch.nn.SyncBatchNorm):
+    """torch.nn.SyncBatchNorm on bnext kernels: the same constructor, state and repr, input (N, C, *)
+    of any rank >= 2, ``activation="relu"`` fuses a ReLU. What convert() makes of a torch
+    SyncBatchNorm.
+
+    process_group follows bnext's rule (bnext.distributed), not torch's: None means LOCAL statistics,
+    where torch's SyncBatchNorm takes None to mean the default group at call time; convert() gives a
+    converted layer the group torch would have used."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 process_group=None, device=None, dtype=None, *, bias: bool = True,
+                 activation: Optional[str] = None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype,
+                         **_bias_kwargs(bias))
+        _drop_bias_if_unsupported(self, bias)
+        self._init_activation(activation)
 
 
 class _NoisyBatchNormMixin(_ProcessGroupMixin):
@@ -136,24 +178,29 @@ class _NoisyBatchNormMixin(_ProcessGroupMixin):
                 f"noise_mean_spread={self.noise_mean_spread}, noise_std_spread={self.noise_std_spread}")
 
 
-def _noisy_class(base, dims):
+def _noisy_class(base, name):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, noise_mean=0.5, noise_std=1.25, noise_mean_spread=0.1,
-                 noise_std_spread=0.1, generator: Optional[torch.Generator] = None, process_group=None):
-        base.__init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 device=None, dtype=None, *, bias: bool = True, noise_mean=0.5, noise_std=1.25,
+                 noise_mean_spread=0.1, noise_std_spread=0.1, generator: Optional[torch.Generator] = None,
+                 process_group=None):
+        # Keywords, not positions: torch's SyncBatchNorm takes process_group where the others take device.
+        base.__init__(self, num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                      **_bias_kwargs(bias))
+        _drop_bias_if_unsupported(self, bias)
         self._init_noise(noise_mean, noise_std, noise_mean_spread, noise_std_spread, generator, process_group)
 
-    name = f"NoisyBatchNorm{dims}d"
-    doc = (f"Noisy BatchNorm{dims}d (PAPER.md, Algorithm 1): {base.__name__}'s arguments, parameters and "
+    doc = (f"Noisy {base.__name__} (PAPER.md, Algorithm 1): {base.__name__}'s arguments, parameters and "
            "state_dict, plus noise_mean, noise_std, noise_mean_spread, noise_std_spread (see "
            "bnext.noisy_batch_norm), an optional torch.Generator for the noise seeds, and process_group "
-           "(synchronized statistics across ranks in training, see bnext.distributed).")
+           "(synchronized statistics across ranks in training, see bnext.distributed; None: local).")
     return type(name, (_NoisyBatchNormMixin, base), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
 
-NoisyBatchNorm1d = _noisy_class(torch.nn.BatchNorm1d, 1)
-NoisyBatchNorm2d = _noisy_class(torch.nn.BatchNorm2d, 2)
-NoisyBatchNorm3d = _noisy_class(torch.nn.BatchNorm3d, 3)
+NoisyBatchNorm1d = _noisy_class(torch.nn.BatchNorm1d, "NoisyBatchNorm1d")
+NoisyBatchNorm2d = _noisy_class(torch.nn.BatchNorm2d, "NoisyBatchNorm2d")
+NoisyBatchNorm3d = _noisy_class(torch.nn.BatchNorm3d, "NoisyBatchNorm3d")
+# Input of any rank >= 2, like torch.nn.SyncBatchNorm: what convert(to="noisy_bn") makes of one.
+NoisySyncBatchNorm = _noisy_class(torch.nn.SyncBatchNorm, "NoisySyncBatchNorm")
 
 
 class _LpNorm(_ProcessGroupMixin, torch.nn.Module):
@@ -165,8 +212,8 @@ class _LpNorm(_ProcessGroupMixin, torch.nn.Module):
     _expected = ""
 
     def __init__(self, num_features: int, p, eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
-                 process_group=None):
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
+                 bias: bool = True, process_group=None):
         super().__init__()
         name = type(self).__name__
         self.p = check_p(name, p)
@@ -178,7 +225,10 @@ class _LpNorm(_ProcessGroupMixin, torch.nn.Module):
         self.affine, self.track_running_stats = affine, track_running_stats
         if affine:
             self.weight = torch.nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = torch.nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = torch.nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -202,7 +252,8 @@ class _LpNorm(_ProcessGroupMixin, torch.nn.Module):
         self.reset_running_stats()
         if self.affine:
             torch.nn.init.ones_(self.weight)
-            torch.nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                torch.nn.init.zeros_(self.bias)
 
     def _check_input_dim(self, input: Tensor):
         if input.dim() not in self._ranks:
@@ -225,8 +276,9 @@ class _LpNorm(_ProcessGroupMixin, torch.nn.Module):
 
     def extra_repr(self) -> str:
         p = "inf" if math.isinf(self.p) else int(self.p)
+        bias = f"bias={self.bias is not None}, " if _TORCH_TAKES_BIAS else ""
         return (f"{self.num_features}, p={p}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}")
+                f"{bias}track_running_stats={self.track_running_stats}")
 
 
 class LpNorm1d(_LpNorm):
@@ -244,19 +296,47 @@ class LpNorm3d(_LpNorm):
     _ranks, _expected = (5,), "5D"
 
 
-_TORCH_BN = {torch.nn.BatchNorm1d: 1, torch.nn.BatchNorm2d: 2, torch.nn.BatchNorm3d: 3}
-_BNEXT_BN = {BatchNorm1d: 1, BatchNorm2d: 2, BatchNorm3d: 3}
-_NOISY = {NoisyBatchNorm1d: 1, NoisyBatchNorm2d: 2, NoisyBatchNorm3d: 3}
-_LP = {LpNorm1d: 1, LpNorm2d: 2, LpNorm3d: 3}
-_TARGETS = {"bn": {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d},
-            "torch": {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d},
-            "noisy_bn": {1: NoisyBatchNorm1d, 2: NoisyBatchNorm2d, 3: NoisyBatchNorm3d},
-            **{k: {1: LpNorm1d, 2: LpNorm2d, 3: LpNorm3d} for k in ("l1", "l2", "linf")}}
+class SyncLpNorm(_LpNorm):
+    """l_p normalization of (N, C, *) input of any rank >= 2, like torch.nn.SyncBatchNorm: what
+    convert(to="l1"/"l2"/"linf") makes of one (process_group None: local statistics)."""
+    _expected = "at least 2D"
+
+    def _check_input_dim(self, input: Tensor):
+        if input.dim() < 2:
+            raise ValueError(f"{type(self).__name__}: expected {self._expected} input, got {input.dim()}D input")
+
+
+# Layers of torch.nn.SyncBatchNorm's kind take input of any rank >= 2; the others fix 1d/2d/3d.
+_ANY_RANK = "any rank"
+_TORCH_BN = {torch.nn.BatchNorm1d: 1, torch.nn.BatchNorm2d: 2, torch.nn.BatchNorm3d: 3,
+             torch.nn.SyncBatchNorm: _ANY_RANK}
+_BNEXT_BN = {BatchNorm1d: 1, BatchNorm2d: 2, BatchNorm3d: 3, SyncBatchNorm: _ANY_RANK}
+_NOISY = {NoisyBatchNorm1d: 1, NoisyBatchNorm2d: 2, NoisyBatchNorm3d: 3, NoisySyncBatchNorm: _ANY_RANK}
+_LP = {LpNorm1d: 1, LpNorm2d: 2, LpNorm3d: 3, SyncLpNorm: _ANY_RANK}
+_TARGETS = {"bn": {v: k for k, v in _BNEXT_BN.items()},
+            "torch": {v: k for k, v in _TORCH_BN.items()},
+            "noisy_bn": {v: k for k, v in _NOISY.items()},
+            **{k: {v: c for c, v in _LP.items()} for k in ("l1", "l2", "linf")}}
 _TARGET_P = {"l1": 1.0, "l2": 2.0, "linf": math.inf}
 _ALL_TARGETS = sorted(list(_TARGETS) + ["none"])
 
 
-def _spatial_dims(module) -> Optional[int]:
+class _CannotConvert(ValueError):
+    pass
+
+
+def _refuse(where: str, module, why: str):
+    raise _CannotConvert(f"bnext.nn.convert: cannot convert {where} ({type(module).__name__}): {why}")
+
+
+def _spatial_dims(module, where: str):
+    """1, 2, 3 or _ANY_RANK for a normalization layer convert() replaces, None for any other module;
+    raises for a BatchNorm it cannot convert."""
+    if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and \
+            isinstance(module, torch.nn.modules.batchnorm._NormBase):
+        _refuse(where, module, "a lazy layer is not materialized yet (num_features is unknown until its first "
+                "forward); run the model once on an example batch, then convert (it is then a "
+                f"{module.cls_to_become.__name__})")
     # bnext classes first (they subclass torch's), then anything that subclasses torch's BatchNorm.
     for table in (_NOISY, _LP, _BNEXT_BN, _TORCH_BN):
         if type(module) in table:
@@ -264,28 +344,57 @@ def _spatial_dims(module) -> Optional[int]:
     for cls, dims in _TORCH_BN.items():
         if isinstance(module, cls):
             return dims
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        _refuse(where, module, "a BatchNorm subclass that is none of torch.nn.BatchNorm1d/2d/3d or SyncBatchNorm, so "
+                "the input rank its replacement must check is unknown")
     return None
 
 
-def _convert_one(module, to: str, process_group):
-    dims = _spatial_dims(module)
+def _group_kept(module):
+    """The group a layer of SyncBatchNorm's kind synchronizes over now: a bnext layer's own (None:
+    local); torch's SyncBatchNorm takes None to mean the default group, if torch.distributed is
+    initialized."""
+    if isinstance(module, _ProcessGroupMixin) or module.process_group is not None:
+        return module.process_group
+    dist = torch.distributed
+    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+
+
+def _convert_one(module, to: str, process_group, where: str):
+    if to == "none" and isinstance(module, torch.nn.modules.batchnorm._NormBase) and \
+            isinstance(module, torch.nn.modules.lazy.LazyModuleMixin):
+        return torch.nn.Identity()  # nothing of a lazy layer's state survives removal anyway
+    dims = _spatial_dims(module, where)
     if dims is None:
         return None
-    if to == "none":  # the unnormalized network
-        return torch.nn.Identity()
+    activation = getattr(module, "activation", None)
+    if to == "none":  # the unnormalized network; a fused ReLU stays a ReLU
+        return torch.nn.ReLU() if activation == "relu" else torch.nn.Identity()
     cls = _TARGETS[to][dims]
+    if activation is not None and not issubclass(cls, _FusedBatchNormMixin):
+        _refuse(where, module, f"activation={activation!r} is fused into it and {cls.__name__} has no fused "
+                "activation; convert a model with the ReLU as its own module")
+    group = process_group
+    if dims == _ANY_RANK and process_group is None:
+        group = _group_kept(module)
     p = _TARGET_P.get(to)
     if type(module) is cls and (p is None or module.p == p):
         if to != "torch":
-            module.process_group = process_group
+            module.process_group = group
         return module
     ref = module.weight if module.weight is not None else module.running_mean
     factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
     args = dict(eps=module.eps, momentum=module.momentum, affine=module.affine,
                 track_running_stats=module.track_running_stats, **factory)
-    if to != "torch":
-        args["process_group"] = process_group
+    if module.affine:
+        args.update(_bias_kwargs(module.bias is not None) if cls in _TORCH_BN else {"bias": module.bias is not None})
+    if to != "torch" or dims == _ANY_RANK:
+        args["process_group"] = group
+    if activation is not None:
+        args["activation"] = activation
     new = cls(module.num_features, p, **args) if p is not None else cls(module.num_features, **args)
+    if cls in _TORCH_BN:
+        _drop_bias_if_unsupported(new, module.bias is not None)
     # Keep the state that maps: affine parameters, running mean, batch count, and the second running
     # statistic only between layers of the same kind (variance, or an l_p norm of the same p).
     old_state, state = module.state_dict(), new.state_dict()
@@ -297,30 +406,41 @@ def _convert_one(module, to: str, process_group):
             state[key] = old_state[key]
     new.load_state_dict(state)
     new.train(module.training)
-    if module.weight is not None and new.weight is not None:
-        new.weight.requires_grad_(module.weight.requires_grad)
-        new.bias.requires_grad_(module.bias.requires_grad)
+    for name in ("weight", "bias"):
+        old_p, new_p = getattr(module, name), getattr(new, name)
+        if old_p is not None and new_p is not None:
+            new_p.requires_grad_(old_p.requires_grad)
     return new
 
 
 def convert(model: torch.nn.Module, to: str = "bn", process_group=None) -> torch.nn.Module:
-    """Returns `model` with every normalization layer replaced: torch's BatchNorm1d/2d/3d (and
-    subclasses), and bnext's BatchNorm, NoisyBatchNorm and LpNorm layers.
+    """Returns `model` with every normalization layer replaced: torch's BatchNorm1d/2d/3d and
+    SyncBatchNorm (and subclasses), and bnext's BatchNorm, NoisyBatchNorm and LpNorm layers.
 
-    to="bn":       bnext.nn.BatchNorm1d/2d/3d
-    to="torch":    torch.nn.BatchNorm1d/2d/3d
-    to="noisy_bn": bnext.nn.NoisyBatchNorm1d/2d/3d (paper's noise constants)
-    to="l1" / "l2" / "linf": bnext.nn.LpNorm1d/2d/3d with p = 1, 2, inf
-    to="none":     torch.nn.Identity (the unnormalized network)
-    Kept where it maps: weight and bias, running_mean, num_batches_tracked, eps, momentum, affine,
-    track_running_stats, train/eval mode, requires_grad; running_var is kept between BatchNorm kinds
-    and running_norm between l_p layers of the same p (otherwise they start at 1).
+    to="bn":       bnext.nn.BatchNorm1d/2d/3d, SyncBatchNorm
+    to="torch":    torch.nn.BatchNorm1d/2d/3d, SyncBatchNorm
+    to="noisy_bn": bnext.nn.NoisyBatchNorm1d/2d/3d, NoisySyncBatchNorm (paper's noise constants)
+    to="l1" / "l2" / "linf": bnext.nn.LpNorm1d/2d/3d, SyncLpNorm with p = 1, 2, inf
+    to="none":     torch.nn.Identity (the unnormalized network; torch.nn.ReLU for a layer with a fused ReLU)
+    A layer keeps its rank: 1d/2d/3d stay 1d/2d/3d, and torch.nn.SyncBatchNorm (any input rank >= 2)
+    becomes the Sync* layer of the target kind, and back.
+    Kept where it maps: weight and bias (also an affine weight without a bias, bias=False), running_mean,
+    num_batches_tracked, eps, momentum (None included), affine, track_running_stats, train/eval mode,
+    requires_grad, a fused activation (only bnext's BatchNorm has one); running_var is kept between
+    BatchNorm kinds and running_norm between l_p layers of the same p (otherwise they start at 1).
     The model is changed in place (and returned); a model that is itself a normalization layer is
     returned as a new module (or itself when it is already of the target kind).
     process_group: every bnext layer of the result gets it (like
     torch.nn.SyncBatchNorm.convert_sync_batchnorm): in training, with a group of world size > 1, the
-    statistics are those of the global batch (bnext.distributed). None (default) makes the layers
-    local; a group cannot be given with to="torch" or "none".
+    statistics are those of the global batch (bnext.distributed). None (default) makes the 1d/2d/3d
+    layers local and lets a layer of SyncBatchNorm's kind keep the group it synchronizes over now (for
+    torch's SyncBatchNorm with process_group=None: the default group if torch.distributed is
+    initialized at conversion, else none); to="torch" gives a SyncBatchNorm back its group. A group
+    cannot be given with to="torch" or "none".
+    Raises ValueError naming the layer for what it cannot convert: a lazy BatchNorm before its first
+    forward (to="none" excepted), a fused ReLU into a target without one, a BatchNorm subclass of
+    unknown rank. Other normalizations (LayerNorm, GroupNorm, InstanceNorm) are not BatchNorm and are
+    left as they are.
     """
     if to not in _ALL_TARGETS:
         raise ValueError(f"bnext.nn.convert: to must be one of {_ALL_TARGETS}, got {to!r}")
@@ -328,11 +448,16 @@ def convert(model: torch.nn.Module, to: str = "bn", process_group=None) -> torch
     if process_group is not None and to in ("torch", "none"):
         raise ValueError(f"bnext.nn.convert: process_group must be None with to={to!r} (only bnext layers "
                          "synchronize; use torch.nn.SyncBatchNorm.convert_sync_batchnorm for torch's)")
-    replaced = _convert_one(model, to, process_group)
+    return _convert(model, to, process_group, "the model")
+
+
+def _convert(model, to, process_group, where):
+    replaced = _convert_one(model, to, process_group, where)
     if replaced is not None:
         return replaced
     for name, child in model.named_children():
-        new = convert(child, to, process_group)
+        path = name if where == "the model" else f"{where[1:-1]}.{name}"
+        new = _convert(child, to, process_group, f"'{path}'")
         if new is not child:
             setattr(model, name, new)
     return model

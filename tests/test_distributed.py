@@ -289,6 +289,46 @@ def case_global_count_one(rank, world):
         m(x)
 
 
+def case_sync_twins(rank, world):
+    """bnext.nn.convert of torch.nn.SyncBatchNorm (one-process side: tests/test_nn_parity.py): a converted
+    torch SyncBatchNorm (process_group None: torch's default-group rule, kept) and the Sync* twins of noisy
+    BN and l_2 on a 3-D input, split unevenly, against one process on the concatenated batch (torch's
+    BatchNorm1d in float64; the 1d bnext twins, tested against references in their own files)."""
+    split = [2, 5, 0][:world]
+    lo, hi = sum(split[:rank]), sum(split[:rank + 1])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(sum(split), 3, 4, dtype=torch.float64, generator=gen)
+    g = torch.randn(x.shape, dtype=torch.float64, generator=gen)
+    ref = torch.nn.BatchNorm1d(3, momentum=None, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5, generator=gen), ref.running_mean.normal_(generator=gen)
+    sync = torch.nn.SyncBatchNorm(3, momentum=None, bias=False, dtype=torch.float64)
+    sync.load_state_dict(ref.state_dict())
+    ours = bnn.convert(torch.nn.Sequential(sync))[0]
+    assert type(ours) is bnn.SyncBatchNorm and ours.process_group is dist.group.WORLD
+    noisy_ref = bnn.NoisyBatchNorm1d(3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    noisy = bnn.convert(torch.nn.SyncBatchNorm(3, dtype=torch.float64), to="noisy_bn")
+    noisy.generator = torch.Generator().manual_seed(5)
+    lp_ref = bnn.LpNorm1d(3, 2, dtype=torch.float64)
+    lp = bnn.convert(torch.nn.SyncBatchNorm(3, dtype=torch.float64), to="l2")
+    assert type(noisy) is bnn.NoisySyncBatchNorm and type(lp) is bnn.SyncLpNorm
+    assert noisy.process_group is dist.group.WORLD and lp.process_group is dist.group.WORLD
+    for layer, single in ((ours, ref), (noisy, noisy_ref), (lp, lp_ref)):
+        xr = x.clone().requires_grad_(True)
+        y_ref = single(xr)
+        y_ref.backward(g)
+        xl = x[lo:hi].clone().requires_grad_(True)
+        y = layer(xl)
+        y.backward(g[lo:hi])
+        torch.testing.assert_close(y, y_ref[lo:hi].detach(), atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(xl.grad, xr.grad[lo:hi], atol=1e-10, rtol=1e-10)
+        dw = layer.weight.grad.clone()
+        dist.all_reduce(dw)  # rank-local weight gradients, summed: the whole batch's
+        torch.testing.assert_close(dw, single.weight.grad, atol=1e-10, rtol=1e-10)
+        for key, value in single.state_dict().items():
+            torch.testing.assert_close(layer.state_dict()[key], value, atol=1e-12, rtol=1e-12)
+
+
 # -------------------------------------------------------------------------------------------------
 # Tests (multi-process)
 # -------------------------------------------------------------------------------------------------
@@ -302,7 +342,7 @@ def test_two_processes_match_single_process():
 
 def test_three_processes_match_single_process():
     _spawn(3, ("case_layers", ([(3, 0, 4), (2, 2, 2), (0, 0, 5)],)), ("case_ddp_step", ((3, 0, 4),)),
-           ("case_convert", ()), ("case_subgroup", ()))
+           ("case_convert", ()), ("case_subgroup", ()), ("case_sync_twins", ()))
 
 
 # -------------------------------------------------------------------------------------------------
