@@ -121,27 +121,31 @@ def test_multi_axpy_rounds_product_and_difference_separately(device, dtype):
     assert discriminates or acc == torch.float64, "the data does not tell one rounding from two"
 
 
-@cuda
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("lay", ["contiguous", "channels_last"])
-def test_noisy_backward_rounds_g_to_the_input_dtype(dtype, lay):
+def test_noisy_backward_rounds_g_to_the_input_dtype(device, dtype, lay):
     # defect 3: g = dy * s is rounded to the input dtype before the sums and dx, on both devices.
-    shape = (16, 3, 16, 16)
-    x, dy = make(shape, dtype, "cuda", 1, lay), make(shape, dtype, "cuda", 2, lay)
+    # Per channel sum_dy ~ 240 is accumulated to ~1e-3 (fp32); rounding g or not moves it by 0.09
+    # (fp16) / 0.98 (bf16) on this data.
+    shape = (64, 3, 32, 32)
+    x, dy = make(shape, dtype, device, 1, lay), make(shape, dtype, device, 2, lay, scale=1.0, shift=0.0)
     seed = torch.tensor(987654321)
-    w, _ = params(3, dtype, 0)
-    y, mean, var = ops.noisy_batch_norm_forward(x, w.cuda(), None, EPS, seed, PAPER, 3)
-    dx, sdy, sdyx = ops.noisy_batch_norm_backward(dy, x, w.cuda(), None, mean, var, EPS, seed, PAPER, 3)
+    w = params(3, dtype, 0)[0].to(device)
+    y, mean, var = ops.noisy_batch_norm_forward(x, w, None, EPS, seed, PAPER, 3)
+    dx, sdy, sdyx = ops.noisy_batch_norm_backward(dy, x, w, None, mean, var, EPS, seed, PAPER, 3)
     s, _ = exact_noise(shape, seed)
     g_rounded = (dy.cpu().float() * s).to(dtype).double()
-    g_exact = dy.cpu().double() * s.double()
     ref = g_rounded.sum(dims(x))
-    assert_ref(sdy, ref, torch.float32, "sum_dy")
-    if dtype != torch.float32:  # the data tells the two definitions apart by far more than the tolerance
-        assert (g_exact.sum(dims(x)) - ref).abs().max() > 20 * TOL[torch.float32] * max(1, ref.abs().max())
-    cpu = ops.noisy_batch_norm_backward(dy.cpu(), x.cpu(), w, None, mean.cpu(), var.cpu(), EPS, seed, PAPER, 3)
-    for a, r, name in zip((dx, sdy, sdyx), cpu, ("dx", "sum_dy", "sum_dy_xhat")):
-        assert_ref(a, r, dtype, name)
+    torch.testing.assert_close(sdy.double().cpu(), ref, rtol=0, atol=5e-3)
+    if dtype != torch.float32:  # the data tells the two definitions apart
+        g_exact = dy.cpu().double() * s.double()
+        assert (g_exact.sum(dims(x)) - ref).abs().max() > 0.05
+    if device == "cuda":
+        cpu = ops.noisy_batch_norm_backward(dy.cpu(), x.cpu(), w.cpu(), None, mean.cpu(), var.cpu(), EPS, seed,
+                                            PAPER, 3)
+        for a, r, name in zip((dx, sdy, sdyx), cpu, ("dx", "sum_dy", "sum_dy_xhat")):
+            assert_ref(a, r, dtype, name)
 
 
 @cuda
@@ -423,21 +427,28 @@ def test_nan_stays_in_its_channel_as_on_cpu(lay):
 @cuda
 @pytest.mark.skipif(not HUGE, reason="set BNEXT_TEST_HUGE=1 (needs ~40 GB of GPU memory, ~1 min)")
 def test_more_than_2_to_31_elements_noisy_and_lp():
-    M = (1 << 31) + 64  # one channel: positions and offsets past 2^31
+    # One channel of M > 2^31 values: flat offsets, positions and the arg-max past 2^31.
+    M = (1 << 31) + 64
     x = torch.randn(1, 1, M, device="cuda", dtype=torch.bfloat16)
     x[0, 0, -3] = 100.0
     _, mean, norm, argmax = ops.lp_norm_forward(x, math.inf, None, None, None, None, True, EPS)
     assert argmax.item() == M - 3 and norm.item() == 100.0
-    torch.testing.assert_close(mean.double().cpu(), x.float().mean((0, 2)).double().cpu(), rtol=1e-4, atol=1e-4)
-    dy = torch.ones_like(x)
-    dx = ops.lp_norm_backward(dy, x, math.inf, None, None, mean, norm, argmax, True, EPS)[0]
-    # dy = 1: g - mean_dy = 0 everywhere, the max term only at the arg-max: -q * sign * coeff, q = sum_dy_xc / d
-    assert dx[0, 0, :-3].abs().max().item() == 0.0 and dx[0, 0, -3].item() != 0.0
+    xf = x.float()
+    mean64, var64 = xf.mean().double(), xf.var(unbiased=False).double()
+    del xf
+    assert abs(mean.item() - mean64.item()) < 1e-4
+    # dy = x: dx_i = (x_i - mean_dy - [i = arg-max] q sign(x_i)) / d, mean_dy = mean, q = M var / d
+    dx = ops.lp_norm_backward(x, x, math.inf, None, None, mean, norm, argmax, True, EPS)[0]
+    d = 100.0 + EPS
+    idx = torch.cat([torch.arange(0, 1000), torch.arange(M - 1000, M)]).cuda()
+    xs = x[0, 0, idx].double()
+    ref = (xs - mean64) / d
+    ref[-3] -= M * var64 / d / d
+    torch.testing.assert_close(dx[0, 0, idx].double(), ref, rtol=2e-2, atol=1e-3)
     del dx
-    seed = torch.tensor(99)
-    y, nmean, nvar = ops.noisy_batch_norm_forward(x, None, None, EPS, seed, PAPER, 1)
-    torch.testing.assert_close(nmean.cpu(), mean.cpu(), rtol=1e-5, atol=1e-5)
-    assert torch.isfinite(y[0, 0, -64:]).all() and nvar.item() > 0
+    y, nmean, nvar = ops.noisy_batch_norm_forward(x, None, None, EPS, torch.tensor(99), PAPER, 1)
+    assert abs(nmean.item() - mean64.item()) < 1e-4 and abs(nvar.item() - var64.item()) < 1e-3 * var64.item()
+    assert torch.isfinite(y[0, 0, -64:]).all()
 
 
 # =================================================================================================

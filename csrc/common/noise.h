@@ -28,7 +28,7 @@
 // The noise is computed in fp32 for every input dtype; ln and cos are the polynomial
 // approximations below (a few ulp of fp32), the same code on both sides, compiled without FMA
 // contraction and with a correctly rounded sqrtf on both (-ffp-contract=off; nvcc --fmad=false and
-// no --use_fast_math, setup.py): CPU and GPU noise are bitwise equal (tests/test_cuda_noise.py).
+// no --use_fast_math, setup.py): CPU and GPU noise are bitwise equal (tests/test_cuda_parity.py).
 // The CUDA kernels draw a pair per thread (pair_noise). The CPU kernels draw 8 or 16
 // elements at once (csrc/cpu/noise_vec.h) with these same operations in the same order, unfused,
 // and a correctly rounded sqrt: bitwise equal to the functions below on every instruction set
