@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command that proves bnext's CUDA path on a GPU machine, within a fixed time budget:
 #   1. build bnext with CUDA against this machine's torch (all cores; the .cu files compile side by side)
-#   2. the CUDA tests and the CPU/CUDA parity tests
+#   2. the CUDA tests and the CPU/CUDA parity tests (tests/test_cuda*.py, tests/test_grad_stats.py)
 #   3. compute-sanitizer memcheck and racecheck on a short subset
 #   4. the GPU benchmarks (benchmarks/bench_gpu.py)
 #   5. OUTDIR/summary.md and OUTDIR/results.json, rewritten after every step (.ci/gpu_report.py), so a
@@ -12,7 +12,8 @@
 #   BNEXT_GPU_CHECK_BUDGET   seconds for the whole run (default 470); every step has its own timeout,
 #                            capped by what is left, so one hang cannot eat the budget.
 #   PYTHON                   the interpreter (default python3, the machine's own)
-# Files written to OUTDIR (7): summary.md results.json build.log tests.log sanitizer.log bench.log bench.json
+# Files written to OUTDIR (8): summary.md results.json build.log tests.log tests_existing.log sanitizer.log
+#   bench.log bench.json
 # Exit status: 0 when every step passed; 1 when a step failed or timed out; 2 on bad arguments or
 # when there is no GPU (a plain "no GPU" message; nothing is built or run).
 set -uo pipefail
@@ -85,11 +86,15 @@ if [ "$BUILD" = 1 ]; then
     "$PYTHON" -m pip install --no-build-isolation --no-deps -e . \
     || { report finish; echo "gpu_check: the build failed; see $OUT/build.log" >&2; exit 1; }
 fi
-# The CUDA tests and the CPU/CUDA parity tests (those of tests/test_grad_stats.py run on both devices),
-# after a check that the build really has CUDA kernels (else every CUDA test would skip).
-TESTS=(tests/test_cuda.py tests/test_cuda_variants.py tests/test_cuda_parity.py tests/test_cuda_runtime.py
-       tests/test_grad_stats.py)
-run_step tests 200 "$OUT/tests.log" bash -c '"$0" -c "import bnext; info = bnext.build_info(); print(info); assert info[\"cuda\"], \"bnext was built without CUDA kernels\"" && "$0" -m pytest -q -p no:cacheprovider -rfEs "$@"' "$PYTHON" "${TESTS[@]}"
+# The CUDA tests and the CPU/CUDA parity tests, the new ones first (each pytest run is one step, so a
+# timeout in one leaves the other's results), after a check that the build really has CUDA kernels
+# (else every CUDA test would skip). --durations tells the next run where the time went.
+check_cuda='import bnext; info = bnext.build_info(); print(info); assert info["cuda"], "bnext was built without CUDA kernels"'
+pytest_args=(-q -p no:cacheprovider -rfEs --durations=15)
+run_step tests-new 150 "$OUT/tests.log" bash -c '"$0" -c "$1" && "$0" -m pytest "${@:2}"' "$PYTHON" "$check_cuda" \
+  "${pytest_args[@]}" tests/test_cuda_parity.py tests/test_cuda_runtime.py
+run_step tests-existing 150 "$OUT/tests_existing.log" "$PYTHON" -m pytest "${pytest_args[@]}" \
+  tests/test_cuda.py tests/test_cuda_variants.py tests/test_grad_stats.py
 
 if [ "$SANITIZER" = 1 ]; then
   # A short subset: every kernel once, at small shapes.

@@ -146,6 +146,8 @@ def render(record):
     if bench:
         lines += ["## Benchmarks", "", f"device-to-device copy: {bench.get('copy_gbps', 0):.0f} GB/s "
                   "(read + write counted)", ""]
+        if not bench.get("complete", True):
+            lines += ["**incomplete**: the benchmark run was cut off; these are the cases it finished", ""]
         rows = [[r["group"], "x".join(map(str, r["shape"])), r["dtype"], r["layout"], r["pass"], r["impl"],
                  f"{r['ms']:.4f}", f"{r.get('gbps', 0):.0f}"] for r in bench.get("rows", [])]
         if rows:

@@ -21,6 +21,7 @@ without CUDA.
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -35,10 +36,14 @@ from bnext.ops import lp_norm_reference
 
 VGG_SHAPES = [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8), (128, 512, 4, 4), (128, 512, 2, 2)]
 EXTRA_SHAPES = [(256, 128, 16, 16)]  # 128x64x32x32 is VGG's first
-COMPILE_SHAPES = [(128, 64, 32, 32), (256, 128, 16, 16)]
+# torch.compile costs a compile per case: by default BatchNorm at the first VGG shape in every dtype and
+# layout, and noisy BatchNorm there in fp32 NCHW (--compile-all: every case).
+COMPILE_CASES = {("bn", (128, 64, 32, 32), d, l) for d in ("fp32", "bf16") for l in ("nchw", "channels_last")} | {
+    ("noisy_bn", (128, 64, 32, 32), "fp32", "nchw")}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = ("nchw", "channels_last")
 TRANSFERS = {"fwd": 3, "fwd+bwd": 8}
+DEVICE = "cuda"  # a module global so that the code paths can be dry-run on the CPU (tests do not; a developer may)
 PAPER_NOISE = dict(noise_mean=0.5, noise_std=1.25, noise_mean_spread=0.1, noise_std_spread=0.1)
 
 
@@ -60,7 +65,7 @@ def cuda_time_ms(fn, reps, rounds=5, warmup=3):
 
 
 def copy_gbps(nbytes=1 << 28):
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    src = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE).random_()
     dst = torch.empty_like(src)
     ms = cuda_time_ms(lambda: dst.copy_(src), reps=20)
     return 2 * nbytes / (ms * 1e-3) / 1e9
@@ -103,7 +108,9 @@ def pass_fn(f, x, w, b, dy, which):
     return lambda: torch.autograd.grad(f(x, w, b), leaves, dy)
 
 
-def bench_ops(quick, compile_all, rows, errors):
+def bench_ops(quick, rows, errors, save, compiled):
+    """Every case with bnext and torch eager (compiled=False), or the torch.compile subset
+    (compiled=True: one compile per case, so few cases unless --compile-all)."""
     shapes = VGG_SHAPES[:1] if quick else VGG_SHAPES + EXTRA_SHAPES
     groups = ["bn", "noisy_bn"] if quick else ["bn", "bn_relu", "noisy_bn", "lp_norm_p2", "lp_norm_pinf"]
     dtypes = {"fp32": torch.float32} if quick else DTYPES
@@ -111,30 +118,31 @@ def bench_ops(quick, compile_all, rows, errors):
         for shape in shapes:
             for dname, dtype in dtypes.items():
                 for layout in LAYOUTS:
+                    if compiled and not (compiled == "all" or (group, shape, dname, layout) in COMPILE_CASES):
+                        continue
                     try:
-                        bench_case(group, shape, dname, dtype, layout, quick, compile_all, rows)
+                        bench_case(group, shape, dname, dtype, layout, rows, compiled)
                     except Exception as e:  # one failing case must not hide the others
-                        errors.append(f"{group} {shape} {dname} {layout}: {type(e).__name__}: {e}")
+                        errors.append(f"{group} {shape} {dname} {layout}{' compile' if compiled else ''}: "
+                                      f"{type(e).__name__}: {e}")
                         traceback.print_exc()
+                    save()
 
 
-def bench_case(group, shape, dname, dtype, layout, quick, compile_all, rows):
+def bench_case(group, shape, dname, dtype, layout, rows, compiled):
     C = shape[1]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(shape, device="cuda", generator=gen).to(dtype)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(shape, device=DEVICE, generator=gen).to(dtype)
+    dy = torch.randn(shape, device=DEVICE, generator=gen).to(dtype)
     if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    dy = torch.randn(x.shape, device="cuda", generator=gen).to(dtype)
-    if layout == "channels_last":
-        dy = dy.contiguous(memory_format=torch.channels_last)
+        x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     pdtype = torch.float32  # parameters stay fp32, as in mixed-precision training
-    w = (torch.rand(C, device="cuda", generator=gen, dtype=pdtype) + 0.5).requires_grad_()
-    b = torch.randn(C, device="cuda", generator=gen, dtype=pdtype).requires_grad_()
-    ours, theirs = op_fns(group, C, "cuda")
-    impls = {"bnext": ours, "torch": theirs}
-    if compile_all or (not quick and shape in COMPILE_SHAPES and group in ("bn", "noisy_bn")):
-        impls["compile"] = torch.compile(theirs, fullgraph=True, dynamic=False)
+    w = (torch.rand(C, device=DEVICE, generator=gen, dtype=pdtype) + 0.5).requires_grad_()
+    b = torch.randn(C, device=DEVICE, generator=gen, dtype=pdtype).requires_grad_()
+    ours, theirs = op_fns(group, C, DEVICE)
+    impls = {"compile": torch.compile(theirs, fullgraph=True, dynamic=False)} if compiled else {
+        "bnext": ours, "torch": theirs}
     numel = x.numel()
     reps = 20 if numel > (1 << 22) else 50
     for which, transfers in TRANSFERS.items():
@@ -152,9 +160,9 @@ def vgg_pair(device):
 
 
 def bench_training_step(quick, out):
-    models = dict(zip(("bnext", "torch"), vgg_pair("cuda")))
-    x = torch.randn(128, 3, 32, 32, device="cuda")
-    y = torch.randint(0, 10, (128,), device="cuda")
+    models = dict(zip(("bnext", "torch"), vgg_pair(DEVICE)))
+    x = torch.randn(128, 3, 32, 32, device=DEVICE)
+    y = torch.randint(0, 10, (128,), device=DEVICE)
     for name, model in models.items():
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
@@ -173,9 +181,9 @@ def _xent(model, batch):
 
 def bench_line_probe(quick, out):
     from bnext.landscape import line_probe
-    model, _ = vgg_pair("cuda")
+    model, _ = vgg_pair(DEVICE)
     model.train()
-    batch = (torch.randn(128, 3, 32, 32, device="cuda"), torch.randint(0, 10, (128,), device="cuda"))
+    batch = (torch.randn(128, 3, 32, 32, device=DEVICE), torch.randint(0, 10, (128,), device=DEVICE))
     etas = [0.05 * (k + 1) for k in range(4 if quick else 8)]
     for mode in ("batched", "sequential"):
         probe = lambda: line_probe(model, _xent, batch, etas, mode=mode)  # noqa: E731
@@ -187,7 +195,7 @@ def bench_line_probe(quick, out):
 
 
 def bench_grad_stats(quick, out):
-    model, _ = vgg_pair("cuda")
+    model, _ = vgg_pair(DEVICE)
     a = [p.detach().clone() for p in model.parameters()]
     b = [t + 1e-3 * torch.randn_like(t) for t in a]
     out["bnext_ms"] = round(cuda_time_ms(lambda: bnext.grad_stats(a, b), reps=20), 4)
@@ -196,12 +204,21 @@ def bench_grad_stats(quick, out):
     out["case"] = f"VGG-16 width 1 parameters ({len(a)} tensors, {sum(t.numel() for t in a)} values)"
 
 
-def run(quick=False, compile_all=False):
+def run(path, quick=False, compile_all=False):
+    """Runs everything, rewriting the JSON at `path` after every case (a run cut off by its caller
+    still leaves what it measured); torch.compile comes last, being the slowest to set up."""
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "bnext": bnext.build_info(),
-              "quick": quick, "rows": [], "errors": []}
+              "quick": quick, "rows": [], "errors": [], "complete": False}
     t0 = time.time()
+
+    def save():
+        result["seconds"] = round(time.time() - t0, 1)
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(path + ".tmp", path)
+
     result["copy_gbps"] = copy_gbps(1 << 26 if quick else 1 << 28)
-    bench_ops(quick, compile_all, result["rows"], result["errors"])
+    bench_ops(quick, result["rows"], result["errors"], save, compiled=False)
     for name, fn in (("training_step", bench_training_step), ("line_probe", bench_line_probe),
                      ("grad_stats", bench_grad_stats)):
         part = {}
@@ -211,7 +228,11 @@ def run(quick=False, compile_all=False):
         except Exception as e:
             result["errors"].append(f"{name}: {type(e).__name__}: {e}")
             traceback.print_exc()
-    result["seconds"] = round(time.time() - t0, 1)
+        save()
+    if not quick:
+        bench_ops(quick, result["rows"], result["errors"], save, compiled="all" if compile_all else True)
+    result["complete"] = True
+    save()
     return result
 
 
@@ -224,9 +245,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("bench_gpu: no GPU (torch.cuda.is_available() is False); nothing was run", file=sys.stderr)
         return 2
-    result = run(args.quick, args.compile_all)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
+    result = run(args.json, args.quick, args.compile_all)
     print(f"bench_gpu: {len(result['rows'])} timings, {len(result['errors'])} errors, {result['seconds']} s "
           f"-> {args.json}")
     return 1 if result["errors"] else 0
