@@ -71,7 +71,9 @@ struct TensorMeta {
   int64_t first_chunk;  // index of the tensor's first chunk, counted from the launch's first
 };
 
-// Kernel parameters are limited to 4 KB: 48 tensors (2.3 KB) plus 64 step sizes (0.5 KB) fit.
+// Kernel parameters are limited to 4 KB: 48 tensors (2.3 KB) plus 64 step sizes (0.5 KB) fit. The
+// kernels take them as __grid_constant__ (sm_70+), so that indexing them by a run-time tensor number
+// reads the parameter space instead of copying the whole table into each thread's local memory.
 constexpr int kMaxTensors = 48;
 constexpr int kMaxEtas = 64;
 
@@ -152,7 +154,7 @@ __device__ void store_block_sums(double aa, double bb, double dd, double ab, dou
 }
 
 // Launch 1: block c reduces chunk c of its pair into partial[4c .. 4c+4).
-__global__ void grad_stats_chunk_kernel(const LaunchMeta meta, double* __restrict__ partial) {
+__global__ void grad_stats_chunk_kernel(const __grid_constant__ LaunchMeta meta, double* __restrict__ partial) {
   const int64_t c = blockIdx.x;
   const TensorMeta m = meta.t[tensor_of_chunk(meta, c)];
   const int64_t begin = (c - m.first_chunk) * kMultiTensorChunk;
@@ -169,7 +171,7 @@ __global__ void grad_stats_chunk_kernel(const LaunchMeta meta, double* __restric
 }
 
 // Launch 2: block p adds the partial rows of pair p of the launch into out[4p .. 4p+4).
-__global__ void grad_stats_finalize_kernel(const LaunchMeta meta, const double* __restrict__ partial,
+__global__ void grad_stats_finalize_kernel(const __grid_constant__ LaunchMeta meta, const double* __restrict__ partial,
                                            double* __restrict__ out) {
   for (int64_t p = blockIdx.x; p < meta.count; p += gridDim.x) {
     const TensorMeta m = meta.t[p];
@@ -184,7 +186,8 @@ __global__ void grad_stats_finalize_kernel(const LaunchMeta meta, const double* 
 }
 
 // Block c writes chunk c of out_i[k0 + k] = x_i - etas[k] * d_i, k < K.
-__global__ void multi_axpy_kernel(const LaunchMeta meta, const Etas etas, int64_t k0, int64_t K) {
+__global__ void multi_axpy_kernel(const __grid_constant__ LaunchMeta meta, const __grid_constant__ Etas etas, int64_t k0,
+                                  int64_t K) {
   const int64_t c = blockIdx.x;
   const TensorMeta m = meta.t[tensor_of_chunk(meta, c)];
   const int64_t begin = (c - m.first_chunk) * kMultiTensorChunk;
