@@ -67,6 +67,13 @@ def cuda_archs():
     return "8.0;9.0"
 
 
+# No FMA contraction and IEEE division and sqrt (so no --use_fast_math): the CUDA kernels then
+# round every per-element formula as the CPU build does (-ffp-contract=off), and the noise is bitwise
+# equal on both sides. The kernels are memory-bound or integer-bound (Philox), so this costs little.
+# .ci/compile_cuda.sh passes the same flags.
+NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false"]
+
+
 def extensions():
     build_cuda, reason = decide_cuda()
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
@@ -85,7 +92,7 @@ def extensions():
         return [cpp_extension.CUDAExtension(
             "bnext._C", cpp_sources + sorted(glob.glob("csrc/cuda/*.cu")),
             define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx, "nvcc": NVCC_FLAGS},
             extra_link_args=["-fopenmp"])]
     print(f"bnext: building CPU-only kernels ({reason})", flush=True)
     return [cpp_extension.CppExtension(

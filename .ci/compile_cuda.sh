@@ -3,7 +3,7 @@
 # headers. CUDA cannot run on the CI machine; this catches everything short of running.
 #
 # The flags mirror what setup.py's CUDAExtension passes to nvcc (torch's COMMON_NVCC_FLAGS, the
-# -O3 -std=c++17 of setup.py, BNEXT_WITH_CUDA, the torch C++ ABI), plus one define a real CUDA
+# NVCC_FLAGS of setup.py, BNEXT_WITH_CUDA, the torch C++ ABI), plus one define a real CUDA
 # torch does not need: the CPU wheel ships c10/cuda headers but not
 # c10/cuda/impl/cuda_cmake_macros.h, so -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE skips it.
 #
@@ -45,7 +45,7 @@ fi
 OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
 
-FLAGS=(-arch=sm_90 -c -O3 -std=c++17 --use_fast_math -Xcompiler -fPIC
+FLAGS=(-arch=sm_90 -c -O3 -std=c++17 --fmad=false -Xcompiler -fPIC
        -DBNEXT_WITH_CUDA -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE
        -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C
        "${TORCH_FLAGS[@]}"

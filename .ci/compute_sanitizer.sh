@@ -9,9 +9,10 @@
 # Usage: .ci/compute_sanitizer.sh [--tools memcheck,racecheck,initcheck,synccheck] [pytest args...]
 #   default pytest selection: the CUDA test files (see TESTS below), shrunk with -k where the full
 #   set is too slow under the sanitizer (racecheck/initcheck slow kernels down 10-100x).
-#   BNEXT_SANITIZER_TIMEOUT (seconds per tool, default 3600).
+#   BNEXT_SANITIZER_TIMEOUT (seconds per tool, default 3600); PYTHON (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
 
 tools="memcheck,racecheck,initcheck,synccheck"
 if [ "${1:-}" = "--tools" ]; then tools="$2"; shift 2; fi
@@ -26,12 +27,13 @@ if [ -z "$sanitizer" ]; then
 fi
 [ -n "$sanitizer" ] || die "compute-sanitizer not found (install the CUDA toolkit, or put it on PATH / set CUDA_HOME); nothing was run"
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || die "no NVIDIA GPU visible (nvidia-smi -L failed); nothing was run"
-python - <<'EOF' || die "this Python environment has no CUDA torch, no visible GPU, or a CPU-only build of bnext (rebuild with BNEXT_CUDA=1); nothing was run"
+"$PYTHON" - <<'EOF' || die "this Python environment has no CUDA torch, no visible GPU, or a CPU-only build of bnext (rebuild with BNEXT_CUDA=1); nothing was run"
 import sys, torch, bnext
 sys.exit(0 if torch.cuda.is_available() and bnext.build_info()["cuda"] else 1)
 EOF
 
-TESTS=(tests/test_cuda.py tests/test_cuda_variants.py tests/test_grad_stats.py)
+TESTS=(tests/test_cuda.py tests/test_cuda_variants.py tests/test_cuda_parity.py tests/test_cuda_runtime.py
+       tests/test_grad_stats.py)
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=("${TESTS[@]}")
 
@@ -60,7 +62,7 @@ for tool in "${tool_list[@]}"; do
   # --error-exitcode makes any reported error or hazard fail the run.
   timeout "$timeout_s" "$sanitizer" --tool "$tool" --error-exitcode 1 --print-limit 50 \
     --target-processes all "${extra[@]}" \
-    python -m pytest -q -p no:cacheprovider -x "${args[@]}" "${sel[@]}"
+    "$PYTHON" -m pytest -q -p no:cacheprovider -x "${args[@]}" "${sel[@]}"
   rc=$?
   if [ $rc -ne 0 ]; then
     echo "=== compute-sanitizer --tool $tool FAILED (exit $rc)" >&2

@@ -1,4 +1,4 @@
-"""CUDA kernels of bnext.batch_norm (csrc/cuda/normalization.cu): parity with the CPU op and with
+"""CUDA kernels of bnext.batch_norm (csrc/cuda/batch_norm.cu): parity with the CPU op and with
 torch.nn.functional.batch_norm in float64, for forward, all gradients and running stats, both
 layouts plus a strided slice, every dtype, train/eval, affine and running stats on/off, ReLU on/off;
 multi-block reductions, large-mean numerics, the raw ops, streams and > 2^31 elements.
@@ -21,8 +21,8 @@ pytestmark = [
 # (rtol, atol) against the float64 reference, per input dtype.
 TOL_REF = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4),
            torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 5e-2)}
-# (rtol, atol) between the CUDA and the CPU op: same formulas, different summation order and FMA
-# contraction, so about one rounding of the output dtype.
+# (rtol, atol) between the CUDA and the CPU op: same formulas and roundings (no FMA contraction on
+# either side), different summation order, so about one rounding of the output dtype.
 TOL_CPU = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5),
            torch.float16: (2e-3, 2e-3), torch.bfloat16: (1e-2, 1e-2)}
 # Upstream gradients are zeroed where the reference pre-activation is this close to the ReLU kink,

@@ -19,7 +19,7 @@ def _find_nvcc():
 
 @pytest.mark.skipif(_find_nvcc() is None, reason="nvcc not found (PATH or $CUDA_HOME/bin): cannot compile CUDA sources")
 def test_cuda_sources_compile():
-    # About 40 s for csrc/cuda/normalization.cu on 2 idle cores (mostly parsing ATen headers).
+    # Five .cu files, about 40 s each on 2 idle cores (mostly parsing ATen headers), two at a time.
     env = dict(os.environ, PYTHON=sys.executable)
     result = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=600)

@@ -29,9 +29,24 @@ BNEXT_HD PairSums<T> pair_sums_merge(const PairSums<T>& x, const PairSums<T>& y)
   return PairSums<T>{x.aa + y.aa, x.bb + y.bb, x.dd + y.dd, x.ab + y.ab};
 }
 
-template <typename T>
-BNEXT_HD T axpy_value(T x, T d, T eta) {
+// out = x - eta * d rounded twice, the product and then the difference, on CPU and CUDA alike: the
+// CPU build never contracts (-ffp-contract=off), and nvcc would fuse the two into one FMA (one
+// rounding) unless told otherwise. The _rn intrinsics are never contracted, whatever the nvcc
+// flags, so multi_axpy is bitwise equal on both sides (tests/test_grad_stats.py, exact).
+BNEXT_HD float axpy_value(float x, float d, float eta) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(x, __fmul_rn(eta, d));
+#else
   return x - eta * d;
+#endif
+}
+
+BNEXT_HD double axpy_value(double x, double d, double eta) {
+#if defined(__CUDA_ARCH__)
+  return __dsub_rn(x, __dmul_rn(eta, d));
+#else
+  return x - eta * d;
+#endif
 }
 
 }  // namespace bnext

@@ -26,9 +26,10 @@
 // channels into B * P), channel c uses the channel noise of c % P and i = (n * P + c % P) * S + s.
 // (The channel stream has counter word 2 = 1, so it never meets an element counter.)
 // The noise is computed in fp32 for every input dtype; ln and cos are the polynomial
-// approximations below (a few ulp of fp32), the same code on both sides: CPU and GPU noise agree
-// to rounding (nvcc contracts to FMA and --use_fast_math makes sqrtf approximate;
-// tests/test_cuda_variants.py allows 1e-5 absolute on s, 1e-6 on m). The CPU kernels draw 8 or 16
+// approximations below (a few ulp of fp32), the same code on both sides, compiled without FMA
+// contraction and with a correctly rounded sqrtf on both (-ffp-contract=off; nvcc --fmad=false and
+// no --use_fast_math, setup.py): CPU and GPU noise are bitwise equal (tests/test_cuda_parity.py).
+// The CUDA kernels draw a pair per thread (pair_noise). The CPU kernels draw 8 or 16
 // elements at once (csrc/cpu/noise_vec.h) with these same operations in the same order, unfused,
 // and a correctly rounded sqrt: bitwise equal to the functions below on every instruction set
 // (tests/test_noise_vec.py).
@@ -209,6 +210,20 @@ BNEXT_HD ElementNoise element_noise(const NoiseSpec& ns, const ChannelNoise& ch,
   const Philox4 r = element_bits(ns, i);
   return ElementNoise{ch.sigma + ns.noise_std_spread * element_normal(r, i),
                       ch.mu + ns.noise_mean_spread * element_offset(r, i)};
+}
+
+// The noise of the pair of elements (j, j + 1), j even, both of channel ch: one Philox call, one
+// log and one sincos. The same operations in the same order as element_noise(ns, ch, j) and
+// element_noise(ns, ch, j + 1), so bitwise equal to them.
+BNEXT_HD void pair_noise(const NoiseSpec& ns, const ChannelNoise& ch, int64_t j, ElementNoise& e0, ElementNoise& e1) {
+  const Philox4 r = element_bits(ns, j);
+  float c, s;
+  noise_sincos_2pi(uniform_co(r.v[1]), c, s);
+  const float radius = sqrtf(-2.0f * noise_log(uniform_oc(r.v[0])));
+  e0 = ElementNoise{ch.sigma + ns.noise_std_spread * (radius * c),
+                    ch.mu + ns.noise_mean_spread * (2.0f * uniform_co(r.v[2]) - 1.0f)};
+  e1 = ElementNoise{ch.sigma + ns.noise_std_spread * (radius * s),
+                    ch.mu + ns.noise_mean_spread * (2.0f * uniform_co(r.v[3]) - 1.0f)};
 }
 
 }  // namespace bnext

@@ -2,19 +2,22 @@
 // csrc/cpu/grad_stats.cpp; per-element formulas in csrc/common/grad_stats_math.h.
 //
 // Multi-tensor-apply style: every tensor is cut into chunks of kMultiTensorChunk elements
-// (csrc/multi_tensor.h) and one launch covers the chunks of all tensors, one block per chunk.
-// The per-tensor metadata (pointers, sizes, dtypes) and the chunk -> tensor table are packed
-// into one int64 buffer and copied to the device once per call, so there is no limit on the
-// number of tensors and no per-tensor launch. Tensors of different dtypes can share a launch:
-// a block switches on its tensor's dtype once.
+// (csrc/multi_tensor.h), one block per chunk. One launch covers the chunks of up to kMaxTensors
+// tensors, whose metadata (pointers, sizes, dtypes, first chunk) travels BY VALUE as a kernel
+// argument: no host-to-device copy, so nothing synchronizes the host with the stream and a CUDA
+// graph captures the call as it is; a longer list takes several launches. A block finds its tensor
+// by scanning the launch's first-chunk column (at most kMaxTensors compares). Tensors of different
+// dtypes can share a launch: a block switches on its tensor's dtype once.
 //
 // grad_stats: launch 1 writes one fp64 partial row per chunk (block tree reduction: warp shuffles,
 // then shared memory); launch 2 adds each pair's partial rows in a fixed order, one block per
 // pair. No atomics, so the result is deterministic.
-// multi_axpy: one launch; each block reads its chunk of x and d once and writes the K outputs.
+// multi_axpy: each block reads its chunk of x and d once and writes up to kMaxEtas of the K outputs
+// (more step sizes take more launches).
 //
 // Numerics: grad_stats multiplies and adds in fp64 (as the CPU path); multi_axpy computes in
-// fp32 (fp64 for fp64) and rounds once to the tensor's dtype.
+// fp32 (fp64 for fp64), product and difference rounded separately (axpy_value), and rounds once to
+// the tensor's dtype.
 #if !defined(C10_CUDA_NO_CMAKE_CONFIGURE_FILE) && defined(__has_include)
 #if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
 // CPU builds of torch ship c10/cuda headers without this generated file (compile-only checks).
@@ -31,7 +34,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <cstring>
 #include <vector>
 
 #include "../common/grad_stats_math.h"
@@ -59,16 +61,40 @@ int64_t dtype_code(at::ScalarType t) {
   return -1;
 }
 
-// Per-tensor metadata, laid out as 6 int64 in the packed buffer.
+// Per-tensor metadata of one launch.
 struct TensorMeta {
   int64_t a;            // const pointer: a_i (grad_stats) or x_i (multi_axpy)
   int64_t b;            // const pointer: b_i or d_i
   int64_t out;          // pointer: out_i (multi_axpy only)
   int64_t numel;
   int64_t dtype;        // DtypeCode
-  int64_t first_chunk;  // index of the tensor's first chunk in the chunk table
+  int64_t first_chunk;  // index of the tensor's first chunk, counted from the launch's first
 };
-static_assert(sizeof(TensorMeta) == 6 * sizeof(int64_t), "TensorMeta must pack as 6 int64");
+
+// Kernel parameters are limited to 4 KB: 48 tensors (2.3 KB) plus 64 step sizes (0.5 KB) fit. The
+// kernels take them as __grid_constant__ (sm_70+), so that indexing them by a run-time tensor number
+// reads the parameter space instead of copying the whole table into each thread's local memory.
+constexpr int kMaxTensors = 48;
+constexpr int kMaxEtas = 64;
+
+struct LaunchMeta {
+  TensorMeta t[kMaxTensors];
+  int64_t count;  // tensors in this launch
+};
+
+struct Etas {
+  double v[kMaxEtas];
+};
+
+// The tensor of chunk c of the launch: the last one starting at or before c (an empty tensor has no
+// chunk and shares its first_chunk with the next one, which wins).
+__device__ int64_t tensor_of_chunk(const LaunchMeta& m, int64_t c) {
+  int64_t t = 0;
+  for (int64_t k = 1; k < m.count; ++k) {
+    if (m.t[k].first_chunk <= c) t = k;
+  }
+  return t;
+}
 
 // Load/store in the op-math type: fp32 for fp16/bf16/fp32, fp64 for fp64.
 template <typename T> struct Io;
@@ -128,11 +154,9 @@ __device__ void store_block_sums(double aa, double bb, double dd, double ab, dou
 }
 
 // Launch 1: block c reduces chunk c of its pair into partial[4c .. 4c+4).
-__global__ void grad_stats_chunk_kernel(const TensorMeta* __restrict__ meta,
-                                        const int64_t* __restrict__ chunk_tensor,
-                                        double* __restrict__ partial) {
+__global__ void grad_stats_chunk_kernel(const __grid_constant__ LaunchMeta meta, double* __restrict__ partial) {
   const int64_t c = blockIdx.x;
-  const TensorMeta m = meta[chunk_tensor[c]];
+  const TensorMeta m = meta.t[tensor_of_chunk(meta, c)];
   const int64_t begin = (c - m.first_chunk) * kMultiTensorChunk;
   const int64_t end = begin + kMultiTensorChunk < m.numel ? begin + kMultiTensorChunk : m.numel;
   double aa = 0, bb = 0, dd = 0, ab = 0;
@@ -146,11 +170,11 @@ __global__ void grad_stats_chunk_kernel(const TensorMeta* __restrict__ meta,
   store_block_sums(aa, bb, dd, ab, partial + 4 * c);
 }
 
-// Launch 2: block p adds the partial rows of pair p (chunks first_chunk .. first_chunk + n - 1).
-__global__ void grad_stats_finalize_kernel(const TensorMeta* __restrict__ meta, int64_t num_pairs,
-                                           const double* __restrict__ partial, double* __restrict__ out) {
-  for (int64_t p = blockIdx.x; p < num_pairs; p += gridDim.x) {
-    const TensorMeta m = meta[p];
+// Launch 2: block p adds the partial rows of pair p of the launch into out[4p .. 4p+4).
+__global__ void grad_stats_finalize_kernel(const __grid_constant__ LaunchMeta meta, const double* __restrict__ partial,
+                                           double* __restrict__ out) {
+  for (int64_t p = blockIdx.x; p < meta.count; p += gridDim.x) {
+    const TensorMeta m = meta.t[p];
     const int64_t nchunks = (m.numel + kMultiTensorChunk - 1) / kMultiTensorChunk;
     double aa = 0, bb = 0, dd = 0, ab = 0;
     for (int64_t k = threadIdx.x; k < nchunks; k += kThreads) {
@@ -161,11 +185,11 @@ __global__ void grad_stats_finalize_kernel(const TensorMeta* __restrict__ meta, 
   }
 }
 
-// Block c writes chunk c of every out_i[k] = x_i - etas[k] * d_i, k < K.
-__global__ void multi_axpy_kernel(const TensorMeta* __restrict__ meta, const int64_t* __restrict__ chunk_tensor,
-                                  const double* __restrict__ etas, int64_t K) {
+// Block c writes chunk c of out_i[k0 + k] = x_i - etas[k] * d_i, k < K.
+__global__ void multi_axpy_kernel(const __grid_constant__ LaunchMeta meta, const __grid_constant__ Etas etas, int64_t k0,
+                                  int64_t K) {
   const int64_t c = blockIdx.x;
-  const TensorMeta m = meta[chunk_tensor[c]];
+  const TensorMeta m = meta.t[tensor_of_chunk(meta, c)];
   const int64_t begin = (c - m.first_chunk) * kMultiTensorChunk;
   const int64_t end = begin + kMultiTensorChunk < m.numel ? begin + kMultiTensorChunk : m.numel;
   with_element_type(m.dtype, [&](auto tag) {
@@ -177,32 +201,39 @@ __global__ void multi_axpy_kernel(const TensorMeta* __restrict__ meta, const int
     for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
       const acc_t xv = Io<T>::load(x, i), dv = Io<T>::load(d, i);
       for (int64_t k = 0; k < K; ++k)
-        Io<T>::store(out, k * m.numel + i, axpy_value(xv, dv, static_cast<acc_t>(etas[k])));
+        Io<T>::store(out, (k0 + k) * m.numel + i, axpy_value(xv, dv, static_cast<acc_t>(etas.v[k])));
     }
   });
 }
 
-// Packs [TensorMeta per tensor][chunk -> tensor table][etas as fp64 bits] into one int64 host
-// tensor and copies it to `device`.
-at::Tensor pack_metadata(at::TensorList a, at::TensorList b, const std::vector<at::Tensor>* out,
-                         const std::vector<Chunk>& chunks, at::ArrayRef<double> etas,
-                         const at::Device& device) {
-  const int64_t n = static_cast<int64_t>(a.size());
-  const int64_t words = 6 * n + static_cast<int64_t>(chunks.size()) + static_cast<int64_t>(etas.size());
-  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong));
-  int64_t* w = host.mutable_data_ptr<int64_t>();
-  std::vector<int64_t> first_chunk(n, 0);
-  for (int64_t c = static_cast<int64_t>(chunks.size()) - 1; c >= 0; --c) first_chunk[chunks[c].index] = c;
-  for (int64_t i = 0; i < n; ++i) {
-    TensorMeta m{reinterpret_cast<int64_t>(a[i].const_data_ptr()), reinterpret_cast<int64_t>(b[i].const_data_ptr()),
-                 out ? reinterpret_cast<int64_t>((*out)[i].mutable_data_ptr()) : 0, a[i].numel(),
-                 dtype_code(a[i].scalar_type()), first_chunk[i]};
-    std::memcpy(w + 6 * i, &m, sizeof(m));
+// The launches of a list: tensors [begin, begin + meta.count), `chunks` blocks, the first of them
+// chunk `chunk_base` of the whole list.
+struct LaunchGroup {
+  LaunchMeta meta;
+  int64_t begin, chunks, chunk_base;
+};
+
+std::vector<LaunchGroup> launch_groups(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
+                                       std::vector<at::Tensor>* out) {
+  std::vector<LaunchGroup> groups;
+  int64_t chunk_base = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (groups.empty() || groups.back().meta.count == kMaxTensors) {
+      groups.push_back(LaunchGroup{});
+      groups.back().begin = static_cast<int64_t>(i);
+      groups.back().chunk_base = chunk_base;
+    }
+    LaunchGroup& g = groups.back();
+    const int64_t numel = a[i].numel();
+    g.meta.t[g.meta.count++] =
+        TensorMeta{reinterpret_cast<int64_t>(a[i].const_data_ptr()), reinterpret_cast<int64_t>(b[i].const_data_ptr()),
+                   out ? reinterpret_cast<int64_t>((*out)[i].mutable_data_ptr()) : 0, numel,
+                   dtype_code(a[i].scalar_type()), g.chunks};
+    const int64_t nchunks = (numel + kMultiTensorChunk - 1) / kMultiTensorChunk;
+    g.chunks += nchunks;
+    chunk_base += nchunks;
   }
-  int64_t* table = w + 6 * n;
-  for (size_t c = 0; c < chunks.size(); ++c) table[c] = chunks[c].index;
-  if (!etas.empty()) std::memcpy(table + chunks.size(), etas.data(), etas.size() * sizeof(double));
-  return host.to(device);
+  return groups;
 }
 
 }  // namespace
@@ -214,23 +245,23 @@ Tensor grad_stats_cuda(at::TensorList a, at::TensorList b) {
   if (n == 0) return at::zeros({0, 4}, at::TensorOptions().dtype(at::kDouble).device(device));
   const c10::cuda::CUDAGuard guard(device);
   const auto da = dense(a), db = dense(b);
-  const auto chunks = chunk_list(da);
-  const int64_t nchunks = static_cast<int64_t>(chunks.size());
-  const at::Tensor meta = pack_metadata(da, db, nullptr, chunks, {}, device);
-  const auto* meta_ptr = reinterpret_cast<const TensorMeta*>(meta.const_data_ptr<int64_t>());
+  const std::vector<LaunchGroup> groups = launch_groups(da, db, nullptr);
+  int64_t nchunks = 0;
+  for (const auto& g : groups) nchunks += g.chunks;
   const auto f64 = at::TensorOptions().dtype(at::kDouble).device(device);
   at::Tensor partial = at::empty({std::max<int64_t>(nchunks, 1), 4}, f64);
   at::Tensor out = at::empty({n, 4}, f64);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (nchunks > 0) {
-    grad_stats_chunk_kernel<<<static_cast<unsigned>(nchunks), kThreads, 0, stream>>>(
-        meta_ptr, meta.const_data_ptr<int64_t>() + 6 * n, partial.mutable_data_ptr<double>());
+  for (const auto& g : groups) {
+    double* part = partial.mutable_data_ptr<double>() + 4 * g.chunk_base;
+    if (g.chunks > 0) {
+      grad_stats_chunk_kernel<<<static_cast<unsigned>(g.chunks), kThreads, 0, stream>>>(g.meta, part);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    grad_stats_finalize_kernel<<<static_cast<unsigned>(g.meta.count), kThreads, 0, stream>>>(
+        g.meta, part, out.mutable_data_ptr<double>() + 4 * g.begin);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(n, 65535));
-  grad_stats_finalize_kernel<<<grid, kThreads, 0, stream>>>(meta_ptr, n, partial.const_data_ptr<double>(),
-                                                             out.mutable_data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
@@ -247,15 +278,19 @@ std::vector<Tensor> multi_axpy_cuda(at::TensorList x, at::TensorList d, at::Arra
     shape.insert(shape.end(), x[i].sizes().begin(), x[i].sizes().end());
     out[i] = at::empty(shape, dx[i].options().memory_format(at::MemoryFormat::Contiguous));
   }
-  const auto chunks = chunk_list(dx);
-  const int64_t nchunks = static_cast<int64_t>(chunks.size());
-  if (K == 0 || nchunks == 0) return out;
-  const at::Tensor meta = pack_metadata(dx, dd, &out, chunks, etas, device);
-  const int64_t* words = meta.const_data_ptr<int64_t>();
-  multi_axpy_kernel<<<static_cast<unsigned>(nchunks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const TensorMeta*>(words), words + 6 * n,
-      reinterpret_cast<const double*>(words + 6 * n + nchunks), K);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (K == 0 || n == 0) return out;
+  const std::vector<LaunchGroup> groups = launch_groups(dx, dd, &out);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  for (int64_t k0 = 0; k0 < K; k0 += kMaxEtas) {
+    const int64_t kn = std::min<int64_t>(kMaxEtas, K - k0);
+    Etas e{};
+    for (int64_t k = 0; k < kn; ++k) e.v[k] = etas[k0 + k];
+    for (const auto& g : groups) {
+      if (g.chunks == 0) continue;
+      multi_axpy_kernel<<<static_cast<unsigned>(g.chunks), kThreads, 0, stream>>>(g.meta, e, k0, kn);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
   return out;
 }
 
