@@ -80,6 +80,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
     double eps, bool relu);
 #endif
 
+// Running statistics, any device (csrc/running_stats.cpp): running = (1 - momentum) * running +
+// momentum * batch, the variance (or norm) multiplied by var_correction first; in place.
+void update_running_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
+                          const Tensor& var, double momentum, double var_correction);
+
 // Multi-tensor ops (csrc/cpu/grad_stats.cpp, csrc/cuda/grad_stats.cu).
 // grad_stats: (len(a), 4) fp64, row i = [||a_i||^2, ||b_i||^2, ||a_i - b_i||^2, <a_i, b_i>].
 Tensor grad_stats_cpu(at::TensorList a, at::TensorList b);

@@ -1,5 +1,6 @@
 // The one place where bnext's operator schemas are declared and backends registered.
-// Autograd and fake (meta) kernels are registered from Python (bnext/ops.py).
+// The forward ops' autograd is in C++ (csrc/autograd.cpp); fake (meta) kernels, vmap rules and the
+// double-backward composites are registered from Python (bnext/ops.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -36,8 +37,9 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(bnext, m) {
   // Functional BatchNorm (+ optional fused ReLU). Returns (output, mean, var) where mean/var
-  // (biased) are the statistics used; the running-stat update is a separate step in Python
-  // because torch.library autograd cannot be registered on an op that mutates its inputs.
+  // (biased) are the statistics used; the running-stat update is the separate op
+  // update_running_stats, so that the differentiable op stays functional (torch.compile
+  // functionalizes the small mutating op on its own).
   m.def("batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
         "Tensor? running_var, bool training, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
   // Returns (grad_input, sum_dy, sum_dy_xhat): grad_bias = sum_dy, grad_weight = sum_dy_xhat.
@@ -54,6 +56,19 @@ TORCH_LIBRARY(bnext, m) {
         "Tensor? running_norm, bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("lp_norm_backward(Tensor grad_out, Tensor input, float p, Tensor? weight, Tensor? bias, Tensor mean, "
         "Tensor norm, Tensor argmax, bool training, float eps) -> (Tensor, Tensor, Tensor)");
+  // Double backward (create_graph=True): (grad_input, grad_weight, grad_bias) composed of
+  // differentiable torch ops (CompositeImplicitAutograd, bnext/ops.py), what the C++ autograd of
+  // the forward ops calls when grad mode is on in backward; an empty tensor for an absent parameter.
+  m.def("batch_norm_backward_composite(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, "
+        "Tensor mean, Tensor var, bool training, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
+  m.def("noisy_batch_norm_backward_composite(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, "
+        "Tensor mean, Tensor var, float eps, Tensor seed, float[] noise, int noise_channels) -> "
+        "(Tensor, Tensor, Tensor)");
+  m.def("lp_norm_backward_composite(Tensor grad_out, Tensor input, float p, Tensor? weight, Tensor? bias, "
+        "Tensor mean, Tensor norm, Tensor argmax, bool training, float eps) -> (Tensor, Tensor, Tensor)");
+  // In place: running = (1 - momentum) * running + momentum * batch, var (or norm) * var_correction.
+  m.def("update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
+        "float momentum, float var_correction) -> ()");
   // Multi-tensor gradient statistics (csrc/cpu/grad_stats.cpp): row i of the (len(a), 4) fp64
   // result is [||a_i||^2, ||b_i||^2, ||a_i - b_i||^2, <a_i, b_i>].
   m.def("grad_stats(Tensor[] a, Tensor[] b) -> Tensor");
@@ -84,6 +99,7 @@ TORCH_LIBRARY_IMPL(bnext, CPU, m) {
   m.impl("lp_norm_stats", &bnext::lp_norm_stats_cpu);
   m.impl("sync_backward_elementwise", &bnext::sync_backward_elementwise_cpu);
   m.impl("noise_apply", &bnext::noise_apply_cpu);
+  m.impl("update_running_stats", &bnext::update_running_stats);
 }
 
 #ifdef BNEXT_WITH_CUDA
@@ -100,5 +116,6 @@ TORCH_LIBRARY_IMPL(bnext, CUDA, m) {
   m.impl("lp_norm_stats", &bnext::lp_norm_stats_cuda);
   m.impl("sync_backward_elementwise", &bnext::sync_backward_elementwise_cuda);
   m.impl("noise_apply", &bnext::noise_apply_cuda);
+  m.impl("update_running_stats", &bnext::update_running_stats);
 }
 #endif

@@ -365,14 +365,15 @@ def test_vmap_with_running_stat_update_raises_clearly():
 
 
 def test_func_grad_limit_is_pinned():
-    """torch.func.grad over torch.library autograd ops is not supported in this torch (documented in
-    the README); pin the behaviour so a change is noticed."""
+    """torch.func.grad over the ops is not supported in this torch (documented in the README): their
+    autograd is a C++ torch::autograd::Function, which functorch's grad transform refuses. Pin the
+    behaviour so a change is noticed."""
     x = torch.randn(4, 3, 5, dtype=torch.float64)
     f = lambda x: bnext.batch_norm(x, None, None, training=True).square().sum()
     try:
         g = torch.func.grad(f)(x)
     except RuntimeError as e:
-        assert "setup_context" in str(e)
+        assert "C++ torch::autograd::Function with functorch transforms" in str(e)
     else:  # if torch starts supporting it, the answer must be right
         xr = x.clone().requires_grad_()
         F.batch_norm(xr, None, None, training=True).square().sum().backward()
@@ -505,3 +506,59 @@ def test_tune_cpu_allocator_is_explicit():
     assert out.split() == ["True", "True"]
     with pytest.raises(ValueError, match="mmap_threshold"):
         bnext.tune_cpu_allocator(mmap_threshold=-1)
+
+
+# --- the call path: C++ autograd, one-call running-stat update -----------------------------------
+
+@pytest.mark.parametrize("run_dtype,stat_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                                  (torch.float32, torch.float64), (torch.float16, torch.float32)])
+def test_update_running_stats_op_matches_formula(run_dtype, stat_dtype):
+    """running = (1 - m) * running + m * batch (variance times the correction), against the formula in
+    float64 here; the op mutates both buffers in place and passes opcheck."""
+    C, m, corr = 7, 0.3, 10 / 9
+    rm, rv = torch.randn(C).to(run_dtype), (torch.rand(C) + 0.5).to(run_dtype)
+    mean, var = torch.randn(C).to(stat_dtype), (torch.rand(C) + 0.1).to(stat_dtype)
+    want_m = (1 - m) * rm.double() + m * mean.double()
+    want_v = (1 - m) * rv.double() + m * var.double() * corr
+    rm_ptr = rm.data_ptr()
+    ops.update_running_stats(rm, rv, mean, var, m, corr)
+    assert rm.data_ptr() == rm_ptr
+    tol = 1e-3 if run_dtype == torch.float16 else (1e-12 if run_dtype == torch.float64 else 1e-6)
+    torch.testing.assert_close(rm.double(), want_m, rtol=tol, atol=tol)
+    torch.testing.assert_close(rv.double(), want_v, rtol=tol, atol=tol)
+    torch.library.opcheck(ops.update_running_stats, (rm, rv, mean, var, m, corr))
+
+
+def test_update_running_stats_op_rejects_mismatched_shapes():
+    with pytest.raises(RuntimeError, match="running_mean has shape"):
+        ops.update_running_stats(torch.zeros(3), torch.ones(4), torch.zeros(4), torch.ones(4), 0.1, 1.0)
+
+
+def test_autograd_is_registered_in_cpp_and_records_one_node():
+    """The forward ops' autograd is a C++ kernel (no Python autograd.Function per call): one
+    CppFunction node per call, none when nothing requires grad."""
+    for name in ("batch_norm_forward", "noisy_batch_norm_forward", "lp_norm_forward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bnext::{name}", "Autograd"), name
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    y = bnext.batch_norm(x, None, None, training=True)
+    assert type(y.grad_fn).__name__ == "CppFunction"
+    assert y.grad_fn.next_functions[0][0] is not None  # leads back to x's AccumulateGrad
+    assert bnext.batch_norm(x.detach(), None, None, training=True).grad_fn is None
+    with torch.no_grad():
+        assert bnext.batch_norm(x, None, None, training=True).grad_fn is None
+
+
+@pytest.mark.parametrize("need", [(True, False, False), (False, True, True), (False, False, True)])
+def test_gradients_only_for_inputs_that_require_them(need):
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    w, b = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    for t, r in zip((x, w, b), need):
+        t.requires_grad_(r)
+    wanted = [t for t in (x, w, b) if t.requires_grad]
+    y = bnext.batch_norm(x, None, None, w, b, True, activation="relu")
+    got = torch.autograd.grad(y.sum(), wanted)
+    xr, wr, br = (t.detach().clone().requires_grad_(t.requires_grad) for t in (x, w, b))
+    ref = F.relu(F.batch_norm(xr, None, None, wr, br, True)).sum()
+    want = torch.autograd.grad(ref, [t for t in (xr, wr, br) if t.requires_grad])
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
