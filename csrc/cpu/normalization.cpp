@@ -192,12 +192,13 @@ inline c10::BFloat16 from_acc<c10::BFloat16, float>(float v) {
   return c10::BFloat16(float_to_bfloat16(v), c10::BFloat16::from_bits());
 }
 
-// Per-channel constants of the elementwise passes: invstd, and the affine (mean, invstd * w, b).
+// Per-channel constants of the elementwise passes: invstd, and the affine (mean + mean_lo,
+// invstd * w, b); mean_lo is the residual of the mean (batch_norm_math.h), 0 unless set.
 template <typename acc_t>
 struct ChannelParams {
-  std::vector<acc_t> invstd, mean, scale, shift;
+  std::vector<acc_t> invstd, mean, scale, shift, mean_lo;
   ChannelParams(int64_t C, const acc_t* m, const acc_t* v, double eps, const acc_t* w, const acc_t* b)
-      : invstd(C), mean(m, m + C), scale(C), shift(b, b + C) {
+      : invstd(C), mean(m, m + C), scale(C), shift(b, b + C), mean_lo(C, acc_t(0)) {
     for (int64_t c = 0; c < C; ++c) {
       invstd[c] = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(v[c]) + eps));
       scale[c] = invstd[c] * w[c];
@@ -205,10 +206,26 @@ struct ChannelParams {
   }
   // With invstd given (l_p: 1 / (N + eps)).
   ChannelParams(int64_t C, const acc_t* m, const acc_t* inv, const acc_t* w, const acc_t* b)
-      : invstd(inv, inv + C), mean(m, m + C), scale(C), shift(b, b + C) {
+      : invstd(inv, inv + C), mean(m, m + C), scale(C), shift(b, b + C), mean_lo(C, acc_t(0)) {
     for (int64_t c = 0; c < C; ++c) scale[c] = invstd[c] * w[c];
   }
-  ChannelAffine<acc_t> affine(int64_t c) const { return {mean[c], scale[c], shift[c]}; }
+  // mean_lo = mean64 - mean (rounded) for the channels whose mean is the rounding of mean64: all of
+  // them (`always`, l_p, whose norm gives no scale to compare with), or those where
+  // bn_mean_residual_matters (BatchNorm: then the backward, deciding from the same saved
+  // statistics, recomputes the same residual for its ReLU mask).
+  void set_residuals(const double* mean64, bool always) {
+    for (size_t c = 0; c < mean.size(); ++c) {
+      const bool use = static_cast<acc_t>(mean64[c]) == mean[c] &&
+                       (always || bn_mean_residual_matters(mean[c], invstd[c]));
+      mean_lo[c] = use ? static_cast<acc_t>(mean64[c] - static_cast<double>(mean[c])) : acc_t(0);
+    }
+  }
+  bool any_residual_matters() const {
+    for (size_t c = 0; c < mean.size(); ++c)
+      if (bn_mean_residual_matters(mean[c], invstd[c])) return true;
+    return false;
+  }
+  ChannelAffine<acc_t> affine(int64_t c) const { return {mean[c], scale[c], shift[c], mean_lo[c]}; }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -482,11 +499,11 @@ void normalize_run(const scalar_t* x, scalar_t* y, int64_t len, const ChannelAff
 // `rows` consecutive rows of an interleaved array.
 template <typename scalar_t, typename acc_t, bool RELU>
 void normalize_rows(const scalar_t* x, scalar_t* y, int64_t C, int64_t rows, const ChannelParams<acc_t>& p) {
-  const acc_t *mean = p.mean.data(), *scale = p.scale.data(), *shift = p.shift.data();
+  const acc_t *mean = p.mean.data(), *scale = p.scale.data(), *shift = p.shift.data(), *lo = p.mean_lo.data();
   for (int64_t r = 0; r < rows; ++r) {
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const ChannelAffine<acc_t> a{mean[c], scale[c], shift[c]};
+      const ChannelAffine<acc_t> a{mean[c], scale[c], shift[c], lo[c]};
       y[r * C + c] = from_acc<scalar_t>(bn_forward_value(to_acc<acc_t>(x[r * C + c]), a, RELU));
     }
   }
@@ -564,7 +581,7 @@ struct NoiseEpilogue {
   }
   void rows(const scalar_t* x, scalar_t* y, int64_t C, int64_t m0, int64_t rows, const ChannelParams<acc_t>& p) const {
     alignas(64) float z[kSegment], v[kSegment];
-    const acc_t *mean = p.mean.data(), *scale = p.scale.data(), *shift = p.shift.data();
+    const acc_t *mean = p.mean.data(), *scale = p.scale.data(), *shift = p.shift.data(), *lo = p.mean_lo.data();
     const float *sigma = noise.sigma.data(), *mu = noise.mu.data();
     const float sd = noise.ns.noise_std_spread, md = noise.ns.noise_mean_spread;
     // channels [c0, c1) of row r, their noise at zr[c - c0], vr[c - c0]
@@ -573,7 +590,7 @@ struct NoiseEpilogue {
       scalar_t* yr = y + r * C;
 #pragma omp simd
       for (int64_t c = c0; c < c1; ++c) {
-        const ChannelAffine<acc_t> a{mean[c], scale[c], shift[c]};
+        const ChannelAffine<acc_t> a{mean[c], scale[c], shift[c], lo[c]};
         const acc_t an = bn_forward_value(to_acc<acc_t>(xr[c]), a, false);
         const float s = sigma[c] + sd * zr[c - c0], m = mu[c] + md * vr[c - c0];
         yr[c] = from_acc<scalar_t>(static_cast<acc_t>(s) * an + static_cast<acc_t>(m));
@@ -624,14 +641,17 @@ void normalize_pass(const scalar_t* xp, scalar_t* yp, const Geometry& g, const C
   });
 }
 
-// BatchNorm statistics of x into mean / var (biased), acc_t.
+// BatchNorm statistics of x into mean / var (biased), acc_t, and the fp64 mean (returned).
 template <typename scalar_t, typename acc_t>
-void bn_statistics(const scalar_t* xp, const Geometry& g, acc_t* mp, acc_t* vp) {
+std::vector<double> bn_statistics(const scalar_t* xp, const Geometry& g, acc_t* mp, acc_t* vp) {
   const auto st = g.interleaved ? interleaved_stats<scalar_t, acc_t>(xp, g) : planar_stats<scalar_t, acc_t>(xp, g);
+  std::vector<double> mean64(g.C);
   for (int64_t c = 0; c < g.C; ++c) {
+    mean64[c] = st[c].mean;
     mp[c] = static_cast<acc_t>(st[c].mean);
-    vp[c] = static_cast<acc_t>(welford_variance(st[c]));
+    if (vp) vp[c] = static_cast<acc_t>(welford_variance(st[c]));
   }
+  return mean64;
 }
 
 template <typename scalar_t, bool RELU>
@@ -642,8 +662,10 @@ void forward_kernel(const at::Tensor& x, at::Tensor& y, const Geometry& g, bool 
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   acc_t* mp = mean.mutable_data_ptr<acc_t>();
   acc_t* vp = var.mutable_data_ptr<acc_t>();
-  if (training) bn_statistics<scalar_t, acc_t>(xp, g, mp, vp);
-  const ChannelParams<acc_t> p(g.C, mp, vp, eps, weight.const_data_ptr<acc_t>(), bias.const_data_ptr<acc_t>());
+  std::vector<double> mean64;
+  if (training) mean64 = bn_statistics<scalar_t, acc_t>(xp, g, mp, vp);
+  ChannelParams<acc_t> p(g.C, mp, vp, eps, weight.const_data_ptr<acc_t>(), bias.const_data_ptr<acc_t>());
+  if (training) p.set_residuals(mean64.data(), false);
   normalize_pass(xp, y.mutable_data_ptr<scalar_t>(), g, p, AffineEpilogue<scalar_t, acc_t, RELU>{});
 }
 
@@ -666,13 +688,14 @@ void forward_kernel(const at::Tensor& x, at::Tensor& y, const Geometry& g, bool 
 // ReLU. With WRITE_EVAL_GRAD the eval-mode input gradient g * scale is written in the same pass.
 template <typename scalar_t, typename acc_t, bool RELU, bool WRITE_EVAL_GRAD>
 void grad_sums_segment(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len,
-                       const ChannelAffine<acc_t>& a, double* sum_dy, double* sum_dy_xc) {
-  acc_t p_dy[kLanes] = {}, p_dy_xc[kLanes] = {};
+                       const ChannelAffine<acc_t>& a, double* sum_dy, double* sum_dy_xc, double* sum_xc) {
+  acc_t p_dy[kLanes] = {}, p_dy_xc[kLanes] = {}, p_xc[kLanes] = {};
   auto body = [&](int64_t i, int64_t j) {
     const acc_t xv = to_acc<acc_t>(x[i]);
     const acc_t gv = bn_masked_grad(to_acc<acc_t>(dy[i]), xv, a, RELU);
     p_dy[j] += gv;
     p_dy_xc[j] += gv * (xv - a.mean);
+    p_xc[j] += xv - a.mean;
     if (WRITE_EVAL_GRAD) dx[i] = from_acc<scalar_t>(gv * a.scale);
   };
   int64_t i = 0;
@@ -683,34 +706,52 @@ void grad_sums_segment(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int6
   for (int64_t j = 0; i + j < len; ++j) body(i + j, j);
   *sum_dy += fold_lanes(p_dy);
   *sum_dy_xc += fold_lanes(p_dy_xc);
+  *sum_xc += fold_lanes(p_xc);
 }
 
 // Interleaved: per-channel sums over `rows` rows in acc_t, added to s_dy / s_dy_xc. With
 // WRITE_EVAL_GRAD the eval-mode input gradient is written to dx in the same pass.
 template <typename scalar_t, typename acc_t, bool RELU, bool WRITE_EVAL_GRAD>
 void interleaved_grad_sums(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t C, int64_t rows,
-                           const ChannelParams<acc_t>& p, acc_t* s_dy, acc_t* s_dy_xc) {
-  const acc_t *mean = p.mean.data(), *scale = p.scale.data(), *shift = p.shift.data();
+                           const ChannelParams<acc_t>& p, acc_t* s_dy, acc_t* s_dy_xc, acc_t* s_xc) {
+  const acc_t *mean = p.mean.data(), *scale = p.scale.data(), *shift = p.shift.data(), *lo = p.mean_lo.data();
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t off = r * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const ChannelAffine<acc_t> a{mean[c], scale[c], shift[c]};
+      const ChannelAffine<acc_t> a{mean[c], scale[c], shift[c], lo[c]};
       const acc_t xv = to_acc<acc_t>(x[off + c]);
       const acc_t gv = bn_masked_grad(to_acc<acc_t>(dy[off + c]), xv, a, RELU);
       s_dy[c] += gv;
       s_dy_xc[c] += gv * (xv - mean[c]);
+      s_xc[c] += xv - mean[c];
       if (WRITE_EVAL_GRAD) dx[off + c] = from_acc<scalar_t>(gv * scale[c]);
     }
   }
 }
 
 // What every policy knows: the forward's per-channel constants and the count M.
+// Pass 1 centres on the saved acc_t mean m (p.mean; the ReLU mask uses p.mean_lo, the forward's
+// residual); `centre` then moves the sums to the exact batch mean m + delta, delta = sum (x - m) / M,
+// and keeps delta (rounded) as `lo` for pass 2 -- when m is the rounding of that mean, i.e. the
+// statistics are this input's (not, say, another rank's or made-up ones, which are used as given).
 template <typename acc_t>
 struct BackwardCommon {
   const ChannelParams<acc_t>& p;  // p.scale = invstd * w: dx = (...) * p.scale
   double M;                       // values per channel
   bool training;
+  std::vector<acc_t> lo = {};     // residual of the mean in pass 2, from centre()
+
+  void centre(const double* tot_dy, double* tot_dy_xc, const double* tot_xc) {
+    const int64_t C = static_cast<int64_t>(p.mean.size());
+    lo.assign(C, acc_t(0));
+    for (int64_t c = 0; c < C; ++c) {
+      const double m = static_cast<double>(p.mean[c]), delta = tot_xc[c] / M;
+      if (!(static_cast<acc_t>(m + delta) == p.mean[c])) continue;
+      tot_dy_xc[c] -= delta * tot_dy[c];  // sum g (x - m - delta) = sum g (x - m) - delta sum g
+      lo[c] = static_cast<acc_t>(delta);
+    }
+  }
 
   // BatchNorm's training-mode coefficients of dx from the channel's fp64 sums.
   ChannelBackward<acc_t> coeffs(int64_t c, double s_dy, double s_dy_xc) const {
@@ -728,19 +769,19 @@ struct BnBackward : BackwardCommon<acc_t> {
   bool writes_in_sums() const { return !this->training; }
 
   void sums(const scalar_t* dy, const scalar_t* x, scalar_t* out, int64_t len, int64_t, int64_t c, int64_t,
-            double* s_dy, double* s_dy_xc) const {
+            double* s_dy, double* s_dy_xc, double* s_xc) const {
     if (this->training) {
-      grad_sums_segment<scalar_t, acc_t, RELU, false>(dy, x, nullptr, len, this->p.affine(c), s_dy, s_dy_xc);
+      grad_sums_segment<scalar_t, acc_t, RELU, false>(dy, x, nullptr, len, this->p.affine(c), s_dy, s_dy_xc, s_xc);
     } else {
-      grad_sums_segment<scalar_t, acc_t, RELU, true>(dy, x, out, len, this->p.affine(c), s_dy, s_dy_xc);
+      grad_sums_segment<scalar_t, acc_t, RELU, true>(dy, x, out, len, this->p.affine(c), s_dy, s_dy_xc, s_xc);
     }
   }
   void sums_rows(const scalar_t* dy, const scalar_t* x, scalar_t* out, int64_t C, int64_t, int64_t rows, acc_t* s_dy,
-                 acc_t* s_dy_xc) const {
+                 acc_t* s_dy_xc, acc_t* s_xc) const {
     if (this->training) {
-      interleaved_grad_sums<scalar_t, acc_t, RELU, false>(dy, x, nullptr, C, rows, this->p, s_dy, s_dy_xc);
+      interleaved_grad_sums<scalar_t, acc_t, RELU, false>(dy, x, nullptr, C, rows, this->p, s_dy, s_dy_xc, s_xc);
     } else {
-      interleaved_grad_sums<scalar_t, acc_t, RELU, true>(dy, x, out, C, rows, this->p, s_dy, s_dy_xc);
+      interleaved_grad_sums<scalar_t, acc_t, RELU, true>(dy, x, out, C, rows, this->p, s_dy, s_dy_xc, s_xc);
     }
   }
   void prepare(const double* tot_dy, const double* tot_dy_xc) {
@@ -756,7 +797,7 @@ struct BnBackward : BackwardCommon<acc_t> {
   void input_grad(const scalar_t* dy, const scalar_t* x, const scalar_t*, scalar_t* out, int64_t len, int64_t,
                   int64_t c, int64_t) const {
     const ChannelAffine<acc_t> a = this->p.affine(c);
-    const ChannelBackward<acc_t> k{a.mean, mean_dy[c], proj[c], a.scale};
+    const ChannelBackward<acc_t> k{a.mean, mean_dy[c], proj[c], a.scale, this->lo[c]};
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
       const acc_t xv = to_acc<acc_t>(x[i]);
@@ -767,13 +808,14 @@ struct BnBackward : BackwardCommon<acc_t> {
   void input_grad_rows(const scalar_t* dy, const scalar_t* x, const scalar_t*, scalar_t* out, int64_t C, int64_t,
                        int64_t rows) const {
     const acc_t *mean = this->p.mean.data(), *scale = this->p.scale.data(), *shift = this->p.shift.data();
+    const acc_t *mlo = this->p.mean_lo.data(), *lo = this->lo.data();
     const acc_t *mdy = mean_dy.data(), *pj = proj.data();
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t off = r * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        const ChannelAffine<acc_t> af{mean[c], scale[c], shift[c]};
-        const ChannelBackward<acc_t> k{mean[c], mdy[c], pj[c], scale[c]};
+        const ChannelAffine<acc_t> af{mean[c], scale[c], shift[c], mlo[c]};
+        const ChannelBackward<acc_t> k{mean[c], mdy[c], pj[c], scale[c], lo[c]};
         const acc_t xv = to_acc<acc_t>(x[off + c]);
         const acc_t gv = bn_masked_grad(to_acc<acc_t>(dy[off + c]), xv, af, RELU);
         out[off + c] = from_acc<scalar_t>(bn_backward_train_value(gv, xv, k));
@@ -792,19 +834,21 @@ struct NoisyBackward : BnBackward<scalar_t, acc_t, false> {
 
   // g = dy * s of one planar segment (noise z), written to out and reduced like grad_sums_segment.
   void sums(const scalar_t* dy, const scalar_t* x, scalar_t* out, int64_t len, int64_t n, int64_t c, int64_t s0,
-            double* s_dy, double* s_dy_xc) const {
+            double* s_dy, double* s_dy_xc, double* s_xc) const {
     alignas(64) float z[kSegment];
     noise.run(n, c, s0, len, z, nullptr);
     const float sigma = noise.sigma[c], sd = noise.ns.noise_std_spread;
     const acc_t mean = this->p.mean[c];
-    acc_t p_dy[kLanes] = {}, p_dy_xc[kLanes] = {};
+    acc_t p_dy[kLanes] = {}, p_dy_xc[kLanes] = {}, p_xc[kLanes] = {};
     auto body = [&](int64_t i, int64_t j) {
       const float s = sigma + sd * z[i];
       const scalar_t gs = from_acc<scalar_t>(to_acc<acc_t>(dy[i]) * static_cast<acc_t>(s));
       out[i] = gs;
       const acc_t gv = to_acc<acc_t>(gs);
+      const acc_t xc = to_acc<acc_t>(x[i]) - mean;
       p_dy[j] += gv;
-      p_dy_xc[j] += gv * (to_acc<acc_t>(x[i]) - mean);
+      p_dy_xc[j] += gv * xc;
+      p_xc[j] += xc;
     };
     int64_t i = 0;
     for (; i + kLanes <= len; i += kLanes) {
@@ -814,9 +858,10 @@ struct NoisyBackward : BnBackward<scalar_t, acc_t, false> {
     for (int64_t j = 0; i + j < len; ++j) body(i + j, j);
     *s_dy += fold_lanes(p_dy);
     *s_dy_xc += fold_lanes(p_dy_xc);
+    *s_xc += fold_lanes(p_xc);
   }
   void sums_rows(const scalar_t* dy, const scalar_t* x, scalar_t* out, int64_t C, int64_t m0, int64_t rows, acc_t* s_dy,
-                 acc_t* s_dy_xc) const {
+                 acc_t* s_dy_xc, acc_t* s_xc) const {
     alignas(64) float z[kSegment];
     const acc_t* mean = this->p.mean.data();
     const float* sigma = noise.sigma.data();
@@ -830,8 +875,10 @@ struct NoisyBackward : BnBackward<scalar_t, acc_t, false> {
         const scalar_t gs = from_acc<scalar_t>(to_acc<acc_t>(dy[off + c]) * static_cast<acc_t>(s));
         out[off + c] = gs;
         const acc_t gv = to_acc<acc_t>(gs);
+        const acc_t xc = to_acc<acc_t>(x[off + c]) - mean[c];
         s_dy[c] += gv;
-        s_dy_xc[c] += gv * (to_acc<acc_t>(x[off + c]) - mean[c]);
+        s_dy_xc[c] += gv * xc;
+        s_xc[c] += xc;
       }
     };
     if (rows * C <= kSegment) {  // the whole tile's noise in one go (row pairs share their draws)
@@ -931,21 +978,25 @@ void backward_passes(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
   const int64_t C = g.C;
   const bool writes = pol.writes_in_sums();
   if (!g.interleaved) {
-    std::vector<double> run_dy(g.N * C, 0.0), run_dy_xc(g.N * C, 0.0);
+    std::vector<double> run_dy(g.N * C, 0.0), run_dy_xc(g.N * C, 0.0), run_xc(g.N * C, 0.0);
     parallel_for(0, g.N * C, runs_per_chunk(g), [&](int64_t r0, int64_t r1) {
       OutputTiles<scalar_t> out(g, writes ? kSegment : 0);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t n = r / C, c = r % C;
         for (int64_t s0 = 0; s0 < g.S; s0 += kSegment) {
           const int64_t off = r * g.S + s0, len = std::min(kSegment, g.S - s0);
-          pol.sums(dy + off, x + off, writes ? out.begin(dx + off) : nullptr, len, n, c, s0, &run_dy[r], &run_dy_xc[r]);
+          pol.sums(dy + off, x + off, writes ? out.begin(dx + off) : nullptr, len, n, c, s0, &run_dy[r], &run_dy_xc[r],
+                   &run_xc[r]);
           if (writes) out.end(dx + off, len);
         }
       }
     });
+    std::vector<double> tot_xc(C, 0.0);
     for (int64_t n = 0; n < g.N; ++n)
-      for (int64_t c = 0; c < C; ++c) tot_dy[c] += run_dy[n * C + c], tot_dy_xc[c] += run_dy_xc[n * C + c];
+      for (int64_t c = 0; c < C; ++c)
+        tot_dy[c] += run_dy[n * C + c], tot_dy_xc[c] += run_dy_xc[n * C + c], tot_xc[c] += run_xc[n * C + c];
     if (!pol.training) return;
+    pol.centre(tot_dy, tot_dy_xc, tot_xc.data());
     pol.prepare(tot_dy, tot_dy_xc);
     parallel_for(0, g.N * C, runs_per_chunk(g), [&](int64_t r0, int64_t r1) {
       OutputTiles<scalar_t> out(g, kSegment);
@@ -962,26 +1013,31 @@ void backward_passes(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
   }
   const int64_t M_rows = g.rows(), rpc = rows_per_chunk(C);
   const int64_t nchunks = (M_rows + rpc - 1) / rpc, rows_per_tile = std::max<int64_t>(1, kSegment / C);
-  std::vector<double> part_dy(nchunks * C), part_dy_xc(nchunks * C);
+  std::vector<double> part_dy(nchunks * C), part_dy_xc(nchunks * C), part_xc(nchunks * C);
   parallel_for(0, nchunks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> s_dy(C), s_dy_xc(C);
+    std::vector<acc_t> s_dy(C), s_dy_xc(C), s_xc(C);
     OutputTiles<scalar_t> out(g, writes ? rows_per_tile * C : 0);
     for (int64_t blk = b0; blk < b1; ++blk) {
       std::fill(s_dy.begin(), s_dy.end(), acc_t(0));
       std::fill(s_dy_xc.begin(), s_dy_xc.end(), acc_t(0));
+      std::fill(s_xc.begin(), s_xc.end(), acc_t(0));
       const int64_t r1 = std::min(M_rows, (blk + 1) * rpc);
       for (int64_t t0 = blk * rpc; t0 < r1; t0 += rows_per_tile) {
         const int64_t rows = std::min(rows_per_tile, r1 - t0), off = t0 * C;
         pol.sums_rows(dy + off, x + off, writes ? out.begin(dx + off) : nullptr, C, t0, rows, s_dy.data(),
-                      s_dy_xc.data());
+                      s_dy_xc.data(), s_xc.data());
         if (writes) out.end(dx + off, rows * C);
       }
-      for (int64_t c = 0; c < C; ++c) part_dy[blk * C + c] = s_dy[c], part_dy_xc[blk * C + c] = s_dy_xc[c];
+      for (int64_t c = 0; c < C; ++c)
+        part_dy[blk * C + c] = s_dy[c], part_dy_xc[blk * C + c] = s_dy_xc[c], part_xc[blk * C + c] = s_xc[c];
     }
   });
+  std::vector<double> tot_xc(C, 0.0);
   for (int64_t blk = 0; blk < nchunks; ++blk)
-    for (int64_t c = 0; c < C; ++c) tot_dy[c] += part_dy[blk * C + c], tot_dy_xc[c] += part_dy_xc[blk * C + c];
+    for (int64_t c = 0; c < C; ++c)
+      tot_dy[c] += part_dy[blk * C + c], tot_dy_xc[c] += part_dy_xc[blk * C + c], tot_xc[c] += part_xc[blk * C + c];
   if (!pol.training) return;
+  pol.centre(tot_dy, tot_dy_xc, tot_xc.data());
   pol.prepare(tot_dy, tot_dy_xc);
   parallel_for(0, M_rows, rpc, [&](int64_t r0, int64_t r1) {
     OutputTiles<scalar_t> out(g, rows_per_tile * C);
@@ -1011,8 +1067,15 @@ void backward_kernel(const at::Tensor& dy_t, const at::Tensor& x_t, at::Tensor& 
                      const at::Tensor& mean_t, const at::Tensor& var_t, at::Tensor& sum_dy_t,
                      at::Tensor& sum_dy_xhat_t) {
   using acc_t = at::opmath_type<scalar_t>;
-  const ChannelParams<acc_t> p(g.C, mean_t.const_data_ptr<acc_t>(), var_t.const_data_ptr<acc_t>(), eps,
-                               weight.const_data_ptr<acc_t>(), bias.const_data_ptr<acc_t>());
+  ChannelParams<acc_t> p(g.C, mean_t.const_data_ptr<acc_t>(), var_t.const_data_ptr<acc_t>(), eps,
+                         weight.const_data_ptr<acc_t>(), bias.const_data_ptr<acc_t>());
+  if (RELU && training && p.any_residual_matters()) {
+    // The ReLU mask needs the forward's residual before pass 1: the forward's statistics once more
+    // (same code, same input: the same fp64 mean bitwise). Only at |mean| >= 256 std.
+    std::vector<acc_t> m(g.C);
+    const std::vector<double> mean64 = bn_statistics<scalar_t, acc_t>(x_t.const_data_ptr<scalar_t>(), g, m.data(), nullptr);
+    p.set_residuals(mean64.data(), false);
+  }
   BnBackward<scalar_t, acc_t, RELU> pol(BackwardCommon<acc_t>{p, static_cast<double>(g.rows()), training});
   std::vector<double> tot_dy(g.C, 0.0), tot_dy_xc(g.C, 0.0);
   backward_passes<scalar_t, acc_t>(dy_t.const_data_ptr<scalar_t>(), x_t.const_data_ptr<scalar_t>(),
@@ -1105,8 +1168,9 @@ std::tuple<Tensor, Tensor, Tensor> noisy_batch_norm_forward_cpu(
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     acc_t* mp = mean.mutable_data_ptr<acc_t>();
     acc_t* vp = var.mutable_data_ptr<acc_t>();
-    bn_statistics<scalar_t, acc_t>(xp, g, mp, vp);
-    const ChannelParams<acc_t> p(g.C, mp, vp, eps, w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>());
+    const std::vector<double> mean64 = bn_statistics<scalar_t, acc_t>(xp, g, mp, vp);
+    ChannelParams<acc_t> p(g.C, mp, vp, eps, w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>());
+    p.set_residuals(mean64.data(), false);
     const NoiseDraw draw(ns, g);
     normalize_pass(xp, y.mutable_data_ptr<scalar_t>(), g, p, NoiseEpilogue<scalar_t, acc_t>{draw});
   });
@@ -1165,6 +1229,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lp_norm_forward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnext_lp_norm_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    std::vector<double> mean64;
     if (training) {
       std::vector<LpPartial> st;
       with_lp_kind(kind, [&](auto P) {
@@ -1176,12 +1241,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lp_norm_forward_cpu(
       acc_t* np = norm.mutable_data_ptr<acc_t>();
       int64_t* am = argmax.mutable_data_ptr<int64_t>();
       for (int64_t c = 0; c < g.C; ++c) {
+        mean64.push_back(st[c].sum / M);
         mp[c] = static_cast<acc_t>(st[c].sum / M);
         np[c] = static_cast<acc_t>(lp_norm_value(kind, st[c].pow, st[c].max.max, M));
         am[c] = kind == LpKind::kLinf ? st[c].max.index : -1;
       }
     }
-    const ChannelParams<acc_t> params = lp_params<acc_t>(g.C, mean, norm, eps, w, b);
+    ChannelParams<acc_t> params = lp_params<acc_t>(g.C, mean, norm, eps, w, b);
+    if (training) params.set_residuals(mean64.data(), true);
     normalize_pass(xp, y.mutable_data_ptr<scalar_t>(), g, params, AffineEpilogue<scalar_t, acc_t, false>{});
   });
   return {y, mean, norm, argmax};
