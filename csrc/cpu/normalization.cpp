@@ -19,7 +19,9 @@
 // the noise is drawn once per call); l_p's dx pass for p = inf does not read x (only the arg-max
 // element has a direction term, patched after the pass).
 // Planar (NCHW) layout: the (n, c) runs are walked in memory order, parallel over runs; reductions
-// produce one partial per run, merged per channel in n order. Re-reading a block of channels from
+// produce one partial per run, merged per channel in n order. Short runs (S <= kShortRun) are the
+// exception: BatchNorm treats such an input as rows of C * S columns, like the interleaved layout
+// (see short_runs), so that a run does not cost a reduction and a merge of its own. Re-reading a block of channels from
 // cache instead (one trip to memory per tensor) was tried and measured 1.2-2x slower on this 2-core
 // EPYC (single-thread microbenchmark at 128x64x32x32 and 256x128x16x16): a block is N pieces of a
 // few KB, N*C*S apart, and such short strided pieces stream at half the speed of one long run, with
@@ -34,12 +36,14 @@
 // instead of two.
 //
 // Numerics: every reduction is done in short segments (one (n, c) run of at most kSegment values, or
-// one interleaved chunk) in the accumulation type (fp32, or fp64 for fp64 input), and the segment
+// one chunk of rows, interleaved or short-run planar) in the accumulation type (fp32, or fp64 for fp64 input), and the segment
 // results are merged in fp64 in a fixed order (Welford merge for statistics, plain sums for gradients).
 // Segment statistics are two-pass over the cached segment, and sums are of x - pivot, so nothing
 // cancels when |mean| >> std. Segments and merge order depend on the shape only, never on the number
 // of threads or the instruction set: results are bitwise reproducible (the build disables FMA
-// contraction, see setup.py, so the AVX paths round exactly like the baseline one).
+// contraction, see setup.py, so the AVX paths round exactly like the baseline one). The centring
+// x - mean is exact: the mean is kept as its acc_t rounding plus a residual (batch_norm_math.h,
+// ChannelParams::set_residuals, BackwardCommon::centre).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
