@@ -113,6 +113,36 @@ def test_parity_on_outputs_large_enough_for_streaming_stores(shape, dtype, train
         torch.testing.assert_close(a.double(), e, rtol=tol[0], atol=tol[1], msg=lambda m: f"grad {name}: {m}")
 
 
+# Planar inputs with runs of S <= 64 values are reduced as rows of C * S columns in chunks of rows
+# (csrc/cpu/normalization.cpp, short_runs): several chunks, an uneven last one, a 3-d volume, the
+# S = 32 / 33 boundary, S = 64, odd column counts for the vector tails.
+@pytest.mark.parametrize("shape", [(256, 64, 4, 4), (301, 40, 2, 2), (64, 8, 3, 3, 3), (130, 9, 4, 8), (50, 3, 33),
+                                   (130, 9, 8, 8), (97, 7, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("training,relu", [(True, True), (True, False), (False, True)])
+def test_parity_short_planar_runs(shape, dtype, training, relu):
+    torch.manual_seed(1)
+    C = shape[1]
+    x = make_input(shape, dtype, "contiguous").requires_grad_()
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    w = (torch.rand(C, dtype=pdtype) + 0.5).requires_grad_()
+    b = torch.randn(C, dtype=pdtype).requires_grad_()
+    rm, rv = torch.randn(C, dtype=pdtype), torch.rand(C, dtype=pdtype) + 0.5
+    yr, xd, wd, bd, rmd, rvd = reference(x, rm, rv, w, b, training, 0.1, 1e-5, relu)
+    y = bnext.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, "relu" if relu else None)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(y.double(), yr, rtol=rtol, atol=atol)
+    torch.testing.assert_close(rm.double(), rmd, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rv.double(), rvd, rtol=1e-6, atol=1e-6)
+    g = torch.randn(shape, dtype=torch.float64).to(dtype)
+    got = torch.autograd.grad(y, [x, w, b], g)
+    want = torch.autograd.grad(yr, [xd, wd, bd], g.double())
+    scale = 10.0 if dtype == torch.float16 else 1.0
+    for name, a, e in zip(["input", "weight", "bias"], got, want):
+        tol = (rtol * scale, atol * scale * 10) if name == "input" else (rtol * scale * 10, atol * scale * 100)
+        torch.testing.assert_close(a.double(), e, rtol=tol[0], atol=tol[1], msg=lambda m: f"grad {name}: {m}")
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_output_keeps_layout(layout):
     x = make_input((4, 8, 5, 5), torch.float32, layout)

@@ -103,11 +103,11 @@ def test_concurrent_python_threads_match_serial(op):
 # Determinism: bitwise the same result for every thread count (README, "Determinism")
 # -------------------------------------------------------------------------------------------------
 
-SHAPES = [(32, 24, 16, 16), (4096, 40), (3, 5, 70000), (2, 3, 7, 9)]
+SHAPES = [(32, 24, 16, 16), (4096, 40), (3, 5, 70000), (2, 3, 7, 9), (256, 64, 4, 4)]
 
 
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("shape", SHAPES, ids=["nchw", "nc", "long-rows", "small"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["nchw", "nc", "long-rows", "small", "short-runs"])
 @pytest.mark.parametrize("lay", ["contiguous", "channels_last"])
 def test_bitwise_independent_of_thread_count(op, shape, lay):
     if lay == "channels_last" and len(shape) != 4:

@@ -301,3 +301,73 @@ def test_batch_norm_more_than_2_31_elements():
         want = invstd.view(C, 1) * (x[n].double() - (s1 / cnt).view(C, 1) - xh * (sum_dy_xhat.double() / cnt).view(C, 1))
         torch.testing.assert_close(dx[n].double(), want, rtol=2e-3, atol=2e-3)
     print(f"64-bit indexing test: {time.time() - t0:.1f} s")
+
+
+# -------------------------------------------------------------------------------------------------
+# |mean| / std up to 1.1e5 in fp32, 81 values per channel: the centring x - mean must be exact (the
+# mean kept as an fp32 value plus a residual), so outputs and gradients are limited only by the
+# input's own rounding. Rounding the mean to fp32 alone moves x - mean by up to 2^-24 |mean| =
+# 6.6e-3 std at 1.1e5, which is what these tolerances catch.
+# -------------------------------------------------------------------------------------------------
+
+EXTREME_SHIFTS = [1.1e5, -1e5, 3.3e4, 0.7e5, 0.0]
+
+
+def extreme_case(lay, seed=11):
+    torch.manual_seed(seed)
+    x = torch.randn(9, len(EXTREME_SHIFTS), 3, 3, dtype=torch.float64)
+    x = x + torch.tensor(EXTREME_SHIFTS, dtype=torch.float64).view(1, -1, 1, 1)
+    x = layout(x.float(), lay)  # the fp32 input; the reference sees exactly these values in fp64
+    w = torch.rand(len(EXTREME_SHIFTS), dtype=torch.float64) + 0.5
+    b = torch.randn(len(EXTREME_SHIFTS), dtype=torch.float64) * 0.5
+    return x, w.float(), b.float()
+
+
+def assert_rel(got, want, what, tol=1e-3):
+    """Max error within tol of max |ref|, per channel (channels differ in scale: l_p's output is
+    ~std / |mean| in the shifted ones)."""
+    err = (got.double() - want).abs()
+    ref = want.abs()
+    if want.dim() > 1:
+        err, ref = err.transpose(0, 1).flatten(1).amax(1), ref.transpose(0, 1).flatten(1).amax(1)
+    worst = torch.where(ref > 0, err / ref, err).max().item()  # a zero reference (l_p's bias * 0) must be hit exactly
+    assert worst <= tol, f"{what}: max error {worst:.3g} of max |ref| (per channel), tolerance {tol}"
+
+
+def check_extreme(fn, ref, lay, tol=1e-3):
+    x, w, b = extreme_case(lay)
+    for name, got, want in run_both(fn, ref, x, w, b):
+        assert_rel(got, want, name, tol)
+
+
+@pytest.mark.parametrize("lay", LAYOUTS)
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_extreme_mean_batch_norm_fp32(lay, relu):
+    act = "relu" if relu else None
+    check_extreme(lambda x, w, b: bnext.batch_norm(x, None, None, w, b, training=True, activation=act),
+                  lambda x, w, b: (F.relu if relu else (lambda t: t))(F.batch_norm(x, None, None, w, b, training=True)),
+                  lay)
+
+
+@pytest.mark.parametrize("lay", LAYOUTS)
+def test_extreme_mean_noisy_batch_norm_fp32(lay):
+    x, _, _ = extreme_case(lay)
+    # the seed noisy_batch_norm draws from a generator in this state, and the noise it gives
+    s, m = (t.double() for t in noisy_batch_norm_noise(x, draw_seed(torch.Generator().manual_seed(7)),
+                                                         [0.5, 1.25, 0.1, 0.1]))
+    check_extreme(lambda x, w, b: bnext.noisy_batch_norm(x, None, None, w, b, training=True,
+                                                         generator=torch.Generator().manual_seed(7)),
+                  lambda x, w, b: s * F.batch_norm(x, None, None, w, b, training=True) + m, lay)
+
+
+@pytest.mark.parametrize("lay", LAYOUTS)
+@pytest.mark.parametrize("p", [1, 2, math.inf], ids=["p1", "p2", "pinf"])
+def test_extreme_mean_lp_norm_fp32(lay, p):
+    def ref(x, w, b):
+        xc = x - x.mean([0, 2, 3], keepdim=True)
+        n = _lp_norm_of(x, float(p), None).view(1, -1, 1, 1)
+        return xc / (n + 1e-5) * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+
+    # b = 0: y = (x - mean) / N is ~1e-5, so its own relative accuracy is what is tested
+    check_extreme(lambda x, w, b: bnext.lp_norm(x, p, None, None, w, b * 0, training=True),
+                  lambda x, w, b: ref(x, w, b * 0), lay)

@@ -6,6 +6,13 @@
 //   y = act((x - mean_c) * scale_c + shift_c),  scale_c = invstd_c * w_c,  shift_c = b_c
 // We subtract the mean before scaling rather than folding everything into x * alpha + beta:
 // with |mean| >> std the folded form cancels catastrophically in fp32.
+// The centring is exact: the mean is an acc_t value `mean` (the saved statistic, the rounding of
+// the fp64 mean) plus the residual `mean_lo` (fp64 mean - mean, rounded), and
+//   x - mean_c := (x - mean) - mean_lo.
+// x - mean is exact where it matters (|x - mean| <= |mean|, Sterbenz), so x - mean_c is the exact
+// difference up to one rounding of the result; rounding the mean alone would shift every centred
+// value by up to 2^-24 |mean| in fp32 (6.6e-3 std at |mean| = 1.1e5 std). mean_lo = 0 gives the
+// plain form bitwise.
 //
 // Backward (training), with g = dy * [y > 0] when the ReLU is fused, M values per channel,
 // xc = x - mean_c:
@@ -19,14 +26,32 @@ namespace bnext {
 
 template <typename acc_t>
 struct ChannelAffine {
-  acc_t mean;   // subtracted first
-  acc_t scale;  // invstd * weight
-  acc_t shift;  // bias
+  acc_t mean;              // subtracted first
+  acc_t scale;             // invstd * weight
+  acc_t shift;             // bias
+  acc_t mean_lo = acc_t(0);  // residual of the mean, subtracted second
 };
+
+// x - mean - mean_lo, the exactly centred value.
+template <typename acc_t>
+BNEXT_HD acc_t centred(acc_t x, acc_t mean, acc_t mean_lo) {
+  return (x - mean) - mean_lo;
+}
+
+// Whether the residual of a BatchNorm mean is worth carrying: |mean| * invstd >= 256, i.e. rounding
+// the mean alone would move x - mean by more than 2^-16 std in fp32 (1.5e-5 of a normalized unit,
+// below the other fp32 errors of y and dx). Below it mean_lo = 0 and the kernels run the plain form;
+// forward and backward decide it from the same saved (mean, var), so the ReLU mask recomputed in
+// backward is the forward's.
+template <typename acc_t>
+BNEXT_HD bool bn_mean_residual_matters(acc_t mean, acc_t invstd) {
+  const acc_t m = mean < acc_t(0) ? -mean : mean;
+  return m * invstd >= acc_t(256);
+}
 
 template <typename acc_t>
 BNEXT_HD acc_t bn_forward_value(acc_t x, const ChannelAffine<acc_t>& a, bool relu) {
-  const acc_t y = (x - a.mean) * a.scale + a.shift;
+  const acc_t y = centred(x, a.mean, a.mean_lo) * a.scale + a.shift;
   return (relu && y <= acc_t(0)) ? acc_t(0) : y;  // NaN stays NaN, as torch.relu
 }
 
@@ -36,7 +61,7 @@ BNEXT_HD acc_t bn_forward_value(acc_t x, const ChannelAffine<acc_t>& a, bool rel
 template <typename acc_t>
 BNEXT_HD acc_t bn_masked_grad(acc_t dy, acc_t x, const ChannelAffine<acc_t>& a, bool relu) {
   if (!relu) return dy;
-  const acc_t y = (x - a.mean) * a.scale + a.shift;
+  const acc_t y = centred(x, a.mean, a.mean_lo) * a.scale + a.shift;
   return y <= acc_t(0) ? acc_t(0) : dy;
 }
 
@@ -48,11 +73,12 @@ struct ChannelBackward {
   acc_t mean_dy;  // sum_dy / M
   acc_t proj;     // sum_dy_xc * invstd^2 / M
   acc_t coeff;    // invstd * weight
+  acc_t mean_lo = acc_t(0);  // residual of the mean (xc = x - mean - mean_lo)
 };
 
 template <typename acc_t>
 BNEXT_HD acc_t bn_backward_train_value(acc_t g, acc_t x, const ChannelBackward<acc_t>& b) {
-  return (g - b.mean_dy - (x - b.mean) * b.proj) * b.coeff;
+  return (g - b.mean_dy - centred(x, b.mean, b.mean_lo) * b.proj) * b.coeff;
 }
 
 }  // namespace bnext
