@@ -38,10 +38,11 @@ BATCH = 128
 
 
 def vgg_bn_shapes(width, batch=BATCH, size=32):
-    """(shape, number of layers with that shape) of the experiments' VGG BatchNorm inputs."""
-    from bnext.experiments.models import VGG16_LAYOUT
+    """(shape, number of layers with that shape) of the experiments' VGG-16 BatchNorm inputs (the paper's
+    network; VGG-11/13/19 have the same shapes, repeated a different number of times)."""
+    from bnext.experiments.models import vgg_layout
     shapes = {}
-    for v in VGG16_LAYOUT:
+    for v in vgg_layout("vgg16"):
         if v == "M":
             size //= 2
             continue
