@@ -189,7 +189,7 @@ def _noisy_class(base, name):
         _drop_bias_if_unsupported(self, bias)
         self._init_noise(noise_mean, noise_std, noise_mean_spread, noise_std_spread, generator, process_group)
 
-    doc = (f"Noisy {base.__name__} (PAPER.md, Algorithm 1): {base.__name__}'s arguments, parameters and "
+    doc = (f"Noisy {base.__name__} (bnext/experiments/PROTOCOL.md, section 'Noisy BatchNorm'): {base.__name__}'s arguments, parameters and "
            "state_dict, plus noise_mean, noise_std, noise_mean_spread, noise_std_spread (see "
            "bnext.noisy_batch_norm), an optional torch.Generator for the noise seeds, and process_group "
            "(synchronized statistics across ranks in training, see bnext.distributed; None: local).")

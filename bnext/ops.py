@@ -264,7 +264,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
 
 
 # -------------------------------------------------------------------------------------------------
-# Noisy BatchNorm (PAPER.md, Algorithm 1): BatchNorm, then s * a + m with noise drawn in the kernel
+# Noisy BatchNorm (bnext/experiments/PROTOCOL.md, "Noisy BatchNorm"): BatchNorm, then s * a + m with noise drawn in the kernel
 # from a counter-based generator (csrc/common/noise.h). Nothing input-sized is saved for backward:
 # the kernel regenerates s from the seed.
 # -------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ zero_batch samples (batch of 0) are left out of three checks where an empty outp
 train/eval difference and gradcheck (no entries), channels_last layout (an empty tensor is contiguous in
 every memory format).
 
-Noisy BatchNorm and l_p take the same samples where they make sense (PAPER.md: both are BatchNorm with
+Noisy BatchNorm and l_p take the same samples where they make sense (bnext/experiments/PROTOCOL.md: both are BatchNorm with
 other statistics): construction with torch's arguments, state_dict (torch's keys; l_p has running_norm
 in place of running_var), repr, and eval mode against a float64 reference. Their training forward
 draws noise / uses other statistics and is tested in their own files."""

@@ -11,8 +11,8 @@
 //     separate multiply or add), on IEEE single precision with round-to-nearest, and sqrt is the
 //     correctly rounded vsqrtps like sqrtf. So every lane is bitwise equal to the scalar
 //     definition (tests/native/noise_vec_check.cpp compares bits; tests/test_noise_vec.py runs every
-//     instruction set through the ops); the CUDA kernel (nvcc --use_fast_math, FMA contraction)
-//     agrees to a few ulp, as documented in noise.h.
+//     instruction set through the ops); the CUDA kernels compile the same scalar code without FMA
+//     contraction or fast math, so they are bitwise equal too (noise.h).
 //   - consecutive indices (planar runs): one lane's pair fills two neighbouring outputs (the cos and
 //     the sin half), interleaved on the way out: half the generator work per element; strided
 //     indices (interleaved rows, stride S): each lane draws its element's pair and keeps the half
