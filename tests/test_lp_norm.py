@@ -329,3 +329,99 @@ def test_linf_argmax_is_the_first_over_segments_and_samples(layout):
     ref_idx = torch.where(ref.isnan().any(1), ref.isnan().to(torch.int64).argmax(1), ref.argmax(1))
     assert argmax.tolist() == ref_idx.tolist() == [0 * 5000 + 2100, 1 * 5000 + 4999, 2047, 2 * 5000 + 3000]
     assert norm[:3].tolist() == [9.0, 8.0, 7.0] and math.isnan(norm[3].item())
+
+
+def oracle_lp_norm(x, p, w, b, eps=1e-5):
+    """l_p normalization in float64 written from its definition (independent of bnext.ops): per
+    channel mean and N_p over (N, *spatial); N_inf read at the first arg-max of |x| in logical order."""
+    C = x.shape[1]
+    flat = x.movedim(1, 0).reshape(C, -1)
+    mu = flat.mean(1, keepdim=True)
+    if p == 1:
+        n = flat.abs().mean(1, keepdim=True)
+    elif p == 2:
+        n = flat.square().mean(1, keepdim=True).sqrt()
+    else:
+        n = flat.abs().gather(1, flat.detach().abs().argmax(1, keepdim=True))
+    y = (flat - mu) / (n + eps) * w.view(C, 1) + b.view(C, 1)
+    return y.reshape(C, x.shape[0], *x.shape[2:]).movedim(0, 1)
+
+
+# Short planar runs (S <= 32) run as rows of C * S columns (short_runs in csrc/cpu/normalization.cpp):
+# the per-column statistics are folded per channel, and the p = inf arg-max must still be the first
+# in logical order across columns, rows and row chunks. Several chunks, an uneven last one, S = 1,
+# odd S, 3-d, and the S = 32 / 33 boundary.
+SHORT_RUN_SHAPES = [(300, 9, 4, 4), (130, 40, 2, 2), (65, 12, 1, 1), (20, 7, 5), (9, 4, 2, 3, 5), (40, 3, 32),
+                    (40, 3, 33)]
+
+
+@pytest.mark.parametrize("p", PS)
+@pytest.mark.parametrize("shape", SHORT_RUN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("training", [True, False])
+def test_short_runs_match_float64_oracle(p, shape, dtype, training):
+    torch.manual_seed(4)
+    C = shape[1]
+    x = make_input(shape, dtype, "contiguous").requires_grad_()
+    w = (torch.rand(C, dtype=dtype) + 0.5).requires_grad_()
+    b = torch.randn(C, dtype=dtype).requires_grad_()
+    rm, rn = torch.randn(C, dtype=dtype), torch.rand(C, dtype=dtype) + 2.0
+    xd, wd, bd = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    if training:
+        y = bnext.lp_norm(x, p, None, None, w, b, training=True)
+        yr = oracle_lp_norm(xd, p, wd, bd)
+    else:
+        y = bnext.lp_norm(x, p, rm, rn, w, b, training=False)
+        view = [1, C] + [1] * (x.dim() - 2)
+        yr = (xd - rm.double().view(view)) / (rn.double().view(view) + 1e-5) * wd.view(view) + bd.view(view)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(y.double(), yr, rtol=rtol, atol=atol)
+    g = torch.randn(shape, dtype=torch.float64)
+    for name, a, r in zip(["input", "weight", "bias"], torch.autograd.grad(y, (x, w, b), g.to(dtype)),
+                          torch.autograd.grad(yr, (xd, wd, bd), g)):
+        torch.testing.assert_close(a.double(), r, rtol=rtol * 10, atol=atol * 10 * max(1.0, r.abs().max().item()),
+                                   msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("where", ["same-row", "same-column", "across-chunks"])
+def test_linf_short_runs_first_argmax_at_ties(where):
+    """Ties of max |x| (both signs) placed so that the column-wise reduction sees them in a different
+    order than the logical one: the gradient of the norm goes to the first in logical order."""
+    torch.manual_seed(0)
+    x = torch.randn(4000, 2, 3, 3, dtype=torch.float64)  # 18 columns: rows in chunks of 1820
+    spots = {"same-row": [(7, 0, 2, 2), (7, 0, 0, 1)],          # later column, earlier spatial position
+             "same-column": [(9, 0, 1, 1), (4, 0, 1, 1)],       # same (h, w), earlier sample second
+             "across-chunks": [(3900, 0, 0, 0), (3, 0, 2, 2)]}[where]
+    for i, pos in enumerate(spots):
+        x[pos] = 9.0 if i % 2 == 0 else -9.0
+    x.requires_grad_()
+    w = torch.tensor([1.3, 0.8], dtype=torch.float64)
+    b = torch.zeros(2, dtype=torch.float64)
+    y = bnext.lp_norm(x, math.inf, None, None, w, b, training=True)
+    g = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, g)
+    xd = x.detach().clone().requires_grad_()
+    (dxr,) = torch.autograd.grad(oracle_lp_norm(xd, math.inf, w, b), xd, g)
+    torch.testing.assert_close(dx, dxr, rtol=1e-12, atol=1e-12)
+    # the norm's gradient reaches the first tied element only; the other gets the mean/affine part
+    first, other = min(spots), max(spots)  # logical order of (n, c, h, w)
+    flat_g = g[:, 0]
+    plain = (flat_g - flat_g.mean()) * (w[0] / (9.0 + 1e-5))
+    assert torch.isclose(dx[other], plain[other[0], other[2], other[3]])
+    assert not torch.isclose(dx[first], plain[first[0], first[2], first[3]])
+
+
+def test_short_runs_do_not_depend_on_thread_count_lp():
+    x = (torch.randn(300, 24, 4, 4) * 3 + 2).requires_grad_()
+    g = torch.randn_like(x)
+    for p in PS:
+        outs, old = [], torch.get_num_threads()
+        try:
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                y = bnext.lp_norm(x, p, None, None, None, None, training=True)
+                outs.append((y, *torch.autograd.grad(y, x, g)))
+        finally:
+            torch.set_num_threads(old)
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)

@@ -320,3 +320,76 @@ def test_direct_op_call_gives_python_error_not_crash():
         ops.noisy_batch_norm_forward(torch.randn(4, 3), None, None, 1e-5, torch.tensor(1), [0.5], 3)
     with pytest.raises(RuntimeError, match="noise_channels must divide"):
         ops.noisy_batch_norm_forward(torch.randn(4, 3), None, None, 1e-5, torch.tensor(1), PAPER, 2)
+
+
+# Short planar runs (S <= 32) run as rows of C * S columns (csrc/cpu/normalization.cpp, short_runs):
+# a row's noise comes in blocks of P * S consecutive indices (P = noise_channels). Cases: several
+# row chunks, an uneven last one, rows wider than one 2048-value tile (drawn in pieces), a period
+# shorter than C (the vmap fold), S = 1, odd S, 3-d.
+SHORT_RUNS = [((300, 9, 4, 4), 9), ((70, 200, 4, 4), 200), ((33, 6, 3, 3), 3), ((65, 12, 1, 1), 4),
+              ((20, 7, 5), 7), ((9, 4, 2, 3, 5), 2), ((5, 3, 32), 3)]
+
+
+@pytest.mark.parametrize("shape,period", SHORT_RUNS, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_kernel_noise_short_runs(shape, period):
+    seed = torch.tensor(0x0F1E_2D3C_4B5A_6978)
+    zero, C = torch.zeros(shape, dtype=torch.float64), shape[1]
+    w0 = torch.zeros(C, dtype=torch.float64)
+    m = ops.noisy_batch_norm_forward(zero, w0, w0, 1.0, seed, PAPER, period)[0]
+    s = ops.noisy_batch_norm_forward(zero, w0, w0 + 1, 1.0, seed, PAPER, period)[0] - m
+    # channel c has the noise of channel c % P of an (N, P, *) input
+    s_ref, m_ref = reference_noise(int(seed), (shape[0], period, *shape[2:]))
+    fold = torch.arange(C) % period
+    torch.testing.assert_close(m, m_ref[:, fold], rtol=0, atol=1e-6)
+    torch.testing.assert_close(s, s_ref[:, fold], rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("shape,period", SHORT_RUNS, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_short_runs_match_float64_formula(shape, period, dtype):
+    """Forward and gradients on short runs against s * BN(x) + m in float64, with s and m from the
+    Python Philox reference (not the kernel)."""
+    torch.manual_seed(3)
+    C = shape[1]
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).to(dtype).requires_grad_()
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    w = (torch.rand(C, dtype=pdtype) + 0.5).requires_grad_()
+    b = torch.randn(C, dtype=pdtype).requires_grad_()
+    seed = torch.tensor(0x0123_4567_89AB_CDEF)
+    y, mean, var = ops.noisy_batch_norm_forward(x, w, b, 1e-5, seed, PAPER, period)
+    s_ref, m_ref = reference_noise(int(seed), (shape[0], period, *shape[2:]))
+    fold = torch.arange(C) % period
+    s_ref, m_ref = s_ref[:, fold], m_ref[:, fold]
+    xd, wd, bd = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    yr = s_ref * F.batch_norm(xd, None, None, wd, bd, True, 0.1, 1e-5) + m_ref
+    # s and m are fp32 values in every dtype (the kernel's generator; the reference is float64, to
+    # ~1e-6): float64 is held to that, not to its own rounding.
+    tol = {torch.float64: 2e-5, torch.float32: 1e-4, torch.float16: 3e-2}[dtype]
+    torch.testing.assert_close(y.double(), yr, rtol=tol, atol=tol)
+    g = torch.randn(shape, dtype=torch.float64)
+    dx, _, _ = ops.noisy_batch_norm_backward(g.to(dtype), x.detach(), w.detach(), b.detach(), mean, var, 1e-5, seed,
+                                             PAPER, period)
+    (dxr,) = torch.autograd.grad(yr, xd, g)
+    torch.testing.assert_close(dx.double(), dxr, rtol=tol * 3, atol=tol * 3 * max(1.0, dxr.abs().max().item()))
+    gen = torch.Generator().manual_seed(5)
+    y2 = bnext.noisy_batch_norm(x, None, None, w, b, True, generator=gen) if period == C else None
+    if y2 is not None:  # the public API's weight and bias gradients on the same path
+        sd, md = reference_noise(int(draw_seed(torch.Generator().manual_seed(5))), shape)
+        yr2 = sd * F.batch_norm(xd, None, None, wd, bd, True, 0.1, 1e-5) + md
+        for a, r in zip(torch.autograd.grad(y2, (w, b), g.to(dtype)), torch.autograd.grad(yr2, (wd, bd), g)):
+            torch.testing.assert_close(a.double(), r, rtol=tol * 10, atol=tol * 10 * max(1.0, r.abs().max().item()))
+
+
+def test_short_runs_do_not_depend_on_thread_count():
+    x = (torch.randn(300, 24, 4, 4) * 3 + 2).requires_grad_()
+    g = torch.randn_like(x)
+    outs, old = [], torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y = bnext.noisy_batch_norm(x, None, None, training=True, generator=torch.Generator().manual_seed(0))
+            outs.append((y, *torch.autograd.grad(y, x, g)))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

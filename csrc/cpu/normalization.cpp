@@ -300,16 +300,45 @@ WelfordState<double> run_stats(const scalar_t* run, int64_t len) {
   return total;
 }
 
+// Per-channel merge of B partial states laid out [b * C + c], in fp64 and in b order whatever the
+// thread count: the mean as the count-weighted mean of the partial means around the first one, then
+// m2 = sum_b m2_b + n_b (mean_b - mean)^2 (Chan's formula for many parts at once). Unlike a chain of
+// pairwise merges it makes no division per partial, and the loops over C vectorize.
+inline std::vector<WelfordState<double>> merge_partials(const std::vector<WelfordState<double>>& part, int64_t B,
+                                                        int64_t C) {
+  std::vector<WelfordState<double>> total(C, welford_init<double>());
+  if (B == 0) return total;
+  std::vector<double> shift(C, 0.0), m2(C, 0.0);
+  std::vector<int64_t> count(C, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    const WelfordState<double>* row = &part[b * C];
+    for (int64_t c = 0; c < C; ++c) {
+      shift[c] += static_cast<double>(row[c].count) * (row[c].mean - part[c].mean);
+      count[c] += row[c].count;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    total[c].count = count[c];
+    total[c].mean = count[c] > 0 ? part[c].mean + shift[c] / static_cast<double>(count[c]) : 0.0;
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const WelfordState<double>* row = &part[b * C];
+    for (int64_t c = 0; c < C; ++c) {
+      const double d = row[c].mean - total[c].mean;
+      m2[c] += row[c].m2 + static_cast<double>(row[c].count) * d * d;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) total[c].m2 = m2[c];
+  return total;
+}
+
 template <typename scalar_t, typename acc_t>
 std::vector<WelfordState<double>> planar_stats(const scalar_t* x, const Geometry& g) {
   std::vector<WelfordState<double>> per_run(g.N * g.C);
   parallel_for(0, g.N * g.C, runs_per_chunk(g), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) per_run[r] = run_stats<scalar_t, acc_t>(x + r * g.S, g.S);
   });
-  std::vector<WelfordState<double>> total(g.C, welford_init<double>());
-  for (int64_t n = 0; n < g.N; ++n)
-    for (int64_t c = 0; c < g.C; ++c) total[c] = welford_merge(total[c], per_run[n * g.C + c]);
-  return total;
+  return merge_partials(per_run, g.N, g.C);
 }
 
 // Planar inputs with short runs (S <= kShortRun) are treated as an (N, C * S) row-major array, the
@@ -386,10 +415,7 @@ std::vector<WelfordState<double>> rows_stats(const scalar_t* x, int64_t R, int64
                                         ref.data(), &partial[b * C]);
     }
   });
-  std::vector<WelfordState<double>> total(C, welford_init<double>());
-  for (int64_t b = 0; b < nchunks; ++b)
-    for (int64_t c = 0; c < C; ++c) total[c] = welford_merge(total[c], partial[b * C + c]);
-  return total;
+  return merge_partials(partial, nchunks, C);
 }
 
 // Per-channel statistics of rows [r0, r1) of an interleaved (M, C) array, written to `out`.
@@ -432,10 +458,7 @@ std::vector<WelfordState<double>> interleaved_stats(const scalar_t* x, const Geo
                                                m2.data(), mean.data(), &partial[b * C]);
     }
   });
-  std::vector<WelfordState<double>> total(C, welford_init<double>());
-  for (int64_t b = 0; b < nchunks; ++b)
-    for (int64_t c = 0; c < C; ++c) total[c] = welford_merge(total[c], partial[b * C + c]);
-  return total;
+  return merge_partials(partial, nchunks, C);
 }
 
 // BatchNorm statistics for either layout: short-run planar inputs as rows with F = S columns per
@@ -589,6 +612,40 @@ std::vector<LpPartial> lp_interleaved_stats(const scalar_t* x, const Geometry& g
   return total;
 }
 
+// l_p statistics of a short-run planar input as rows of C * F columns (see short_runs): per column over
+// chunks of rows (lp_chunk_stats), folded per channel in column order with the column's arg-max at
+// position n * F + j (j its column within the channel: the element's own position, so that the merge,
+// keeping the smaller position on a tie, finds the channel's first maximum), merged in chunk order.
+template <typename scalar_t, typename acc_t, LpKind P>
+std::vector<LpPartial> lp_rows_stats(const scalar_t* x, int64_t R, int64_t C, int64_t F) {
+  const int64_t K = C * F, rpc = std::min<int64_t>(kSegment, stats_rows_per_chunk(K));
+  const int64_t nchunks = (R + rpc - 1) / rpc;
+  std::vector<LpPartial> partial(nchunks * C);
+  parallel_for(0, nchunks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<double> sum(K), pw(K);
+    std::vector<acc_t> mx(K);
+    std::vector<int64_t> arg(K);
+    std::vector<LpPartial> col(K);
+    for (int64_t b = b0; b < b1; ++b) {
+      lp_chunk_stats<scalar_t, acc_t, P>(x, K, b * rpc, std::min(R, (b + 1) * rpc), sum.data(), pw.data(), mx.data(),
+                                         arg.data(), col.data());
+      for (int64_t c = 0; c < C; ++c) {
+        LpPartial t;
+        for (int64_t j = 0; j < F; ++j) {
+          LpPartial q = col[c * F + j];
+          if (q.max.index >= 0) q.max.index = q.max.index * F + j;
+          lp_merge(t, q);
+        }
+        partial[b * C + c] = t;
+      }
+    }
+  });
+  std::vector<LpPartial> total(C);
+  for (int64_t b = 0; b < nchunks; ++b)
+    for (int64_t c = 0; c < C; ++c) lp_merge(total[c], partial[b * C + c]);
+  return total;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward: statistics (BatchNorm's or l_p's) -> per-channel (mean, scale, shift) -> one elementwise
 // pass y = epilogue((x - mean) * scale + shift). Epilogues: the affine map with or without ReLU
@@ -631,15 +688,32 @@ struct AffineEpilogue {
 // Noise of one noisy BatchNorm call as the elementwise passes draw it: per-channel (mu, sigma) once,
 // then z (and v) for a stretch of elements at a time through the vectorized generator
 // (csrc/cpu/noise_vec.h), bitwise equal to element_noise of csrc/common/noise.h.
+// With `as_columns` a short-run planar input is drawn as the rows of C * S columns its passes see
+// (short_runs): mu and sigma are repeated per column, and a row's elements have consecutive indices
+// within each block of P * S columns (noise_index: (n * P + c % P) * S + s = n * P * S + k % (P * S)
+// for column k = c * S + s).
 struct NoiseDraw {
   const NoiseSpec& ns;
   const Geometry& g;
-  std::vector<float> mu, sigma;
-  NoiseDraw(const NoiseSpec& spec, const Geometry& geo) : ns(spec), g(geo), mu(geo.C), sigma(geo.C) {
+  bool columns;
+  std::vector<float> mu, sigma;  // per channel, or per column with `columns`
+  NoiseDraw(const NoiseSpec& spec, const Geometry& geo, bool as_columns = false)
+      : ns(spec), g(geo), columns(as_columns) {
+    const int64_t F = columns ? g.S : 1;
+    mu.resize(g.C * F);
+    sigma.resize(g.C * F);
     for (int64_t c = 0; c < g.C; ++c) {
       const ChannelNoise ch = channel_noise(ns, c);
-      mu[c] = ch.mu;
-      sigma[c] = ch.sigma;
+      for (int64_t j = 0; j < F; ++j) mu[c * F + j] = ch.mu, sigma[c * F + j] = ch.sigma;
+    }
+  }
+  // Columns [k0, k1) of row n of the column view, in pieces that do not cross a block of P * S columns.
+  void column_row(int64_t n, int64_t k0, int64_t k1, float* z, float* v) const {
+    const int64_t B = ns.period * g.S;
+    for (int64_t a = k0; a < k1;) {
+      const int64_t b = std::min(k1, (a / B + 1) * B);
+      noise_cpu::normal_block(ns, n * B + a % B, 1, b - a, z + (a - k0), v ? v + (a - k0) : nullptr);
+      a = b;
     }
   }
   // Planar: the len (<= kSegment) consecutive values s0.. of run (n, c) have consecutive indices.
@@ -649,12 +723,18 @@ struct NoiseDraw {
   // Interleaved: channels [c0, c1) of row m = n * S + s, in pieces that do not cross a multiple of
   // the period P (within one, the indices step by S).
   void row(int64_t m, int64_t c0, int64_t c1, float* z, float* v) const {
+    if (columns) return column_row(m, c0, c1, z, v);
     noise_cpu::normal_row(ns, m / g.S, m % g.S, c0, c1, g.S, z, v);
   }
   // Interleaved, whole rows: z[r * C + c] for rows m0 .. m0 + rows. With S even, rows (s, s + 1), s even,
   // hold the two elements of each pair (their indices differ by 1, the first even), so both rows come
   // from one draw per pair; other rows are drawn alone.
   void rows(int64_t m0, int64_t rows, float* z, float* v) const {
+    if (columns) {
+      const int64_t K = g.C * g.S;
+      for (int64_t r = 0; r < rows; ++r) column_row(m0 + r, 0, K, z + r * K, v ? v + r * K : nullptr);
+      return;
+    }
     const int64_t C = g.C, S = g.S;
     for (int64_t r = 0; r < rows;) {
       const int64_t m = m0 + r, n = m / S, s = m % S;
@@ -1081,15 +1161,17 @@ struct LpBackwardPolicy : BnBackward<scalar_t, acc_t, false> {
       }
     }
   }
-  // p = inf: the arg-max elements, after pass 2 (dx must already hold every other value).
-  void finish(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Geometry& g) const {
+  // p = inf: the arg-max elements of the input of geometry g, after pass 2 (dx must already hold every
+  // other value). F > 1: the policy ran over the columns of a short-run input, F per channel.
+  void finish(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Geometry& g, int64_t F = 1) const {
     if (P != LpKind::kLinf) return;
     for (int64_t c = 0; c < g.C; ++c) {
-      const int64_t pos = k[c].argmax;
+      const LpBackward<acc_t>& kc = k[c * F];
+      const int64_t pos = kc.argmax;
       if (pos < 0) continue;
       const int64_t off = g.interleaved ? pos * g.C + c : ((pos / g.S) * g.C + c) * g.S + pos % g.S;
       dx[off] = from_acc<scalar_t>(
-          lp_backward_train_value(to_acc<acc_t>(dy[off]), to_acc<acc_t>(x[off]), pos, k[c], LpKind::kLinf));
+          lp_backward_train_value(to_acc<acc_t>(dy[off]), to_acc<acc_t>(x[off]), pos, kc, LpKind::kLinf));
     }
   }
 };
@@ -1321,8 +1403,14 @@ std::tuple<Tensor, Tensor, Tensor> noisy_batch_norm_forward_cpu(
     const std::vector<double> mean64 = bn_statistics<scalar_t, acc_t>(xp, g, mp, vp);
     ChannelParams<acc_t> p(g.C, mp, vp, eps, w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>());
     p.set_residuals(mean64.data(), false);
-    const NoiseDraw draw(ns, g);
-    normalize_pass(xp, y.mutable_data_ptr<scalar_t>(), g, p, NoiseEpilogue<scalar_t, acc_t>{draw});
+    if (short_runs(g)) {  // as rows of C * S columns (see short_runs)
+      const NoiseDraw draw(ns, g, true);
+      normalize_pass(xp, y.mutable_data_ptr<scalar_t>(), Geometry{true, g.N, g.C * g.S, 1}, p.repeat(g.S),
+                     NoiseEpilogue<scalar_t, acc_t>{draw});
+    } else {
+      const NoiseDraw draw(ns, g);
+      normalize_pass(xp, y.mutable_data_ptr<scalar_t>(), g, p, NoiseEpilogue<scalar_t, acc_t>{draw});
+    }
   });
   return {y, mean, var};
 }
@@ -1348,11 +1436,24 @@ std::tuple<Tensor, Tensor, Tensor> noisy_batch_norm_backward_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     const ChannelParams<acc_t> p(g.C, m.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(), eps,
                                  w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>());
-    const NoiseDraw draw(ns, g);
-    NoisyBackward<scalar_t, acc_t> pol(BackwardCommon<acc_t>{p, static_cast<double>(g.rows()), true}, draw);
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* dxp = out.dx.mutable_data_ptr<scalar_t>();
     std::vector<double> tot_dy(g.C, 0.0), tot_dy_xc(g.C, 0.0);
-    backward_passes<scalar_t, acc_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                     out.dx.mutable_data_ptr<scalar_t>(), g, pol, tot_dy.data(), tot_dy_xc.data());
+    if (short_runs(g)) {  // as rows of C * S columns, like BatchNorm's backward
+      const int64_t K = g.C * g.S;
+      const ChannelParams<acc_t> pc = p.repeat(g.S);
+      const NoiseDraw draw(ns, g, true);
+      NoisyBackward<scalar_t, acc_t> pol(BackwardCommon<acc_t>{pc, static_cast<double>(g.rows()), true}, draw);
+      std::vector<double> col_dy(K, 0.0), col_dy_xc(K, 0.0);
+      backward_passes<scalar_t, acc_t>(dyp, xp, dxp, Geometry{true, g.N, K, 1}, pol, col_dy.data(), col_dy_xc.data(),
+                                       g.S);
+      for (int64_t c = 0; c < g.C; ++c) tot_dy[c] = col_dy[c * g.S], tot_dy_xc[c] = col_dy_xc[c * g.S];
+    } else {
+      const NoiseDraw draw(ns, g);
+      NoisyBackward<scalar_t, acc_t> pol(BackwardCommon<acc_t>{p, static_cast<double>(g.rows()), true}, draw);
+      backward_passes<scalar_t, acc_t>(dyp, xp, dxp, g, pol, tot_dy.data(), tot_dy_xc.data());
+    }
     write_grad_sums(tot_dy.data(), tot_dy_xc.data(), p, out.sum_dy, out.sum_dy_xhat);
   });
   return out.tuple();
@@ -1384,7 +1485,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lp_norm_forward_cpu(
       std::vector<LpPartial> st;
       with_lp_kind(kind, [&](auto P) {
         constexpr LpKind kP = decltype(P)::value;
-        st = g.interleaved ? lp_interleaved_stats<scalar_t, acc_t, kP>(xp, g) : lp_planar_stats<scalar_t, acc_t, kP>(xp, g);
+        if (g.interleaved) {
+          st = lp_interleaved_stats<scalar_t, acc_t, kP>(xp, g);
+        } else if (short_runs(g)) {
+          st = lp_rows_stats<scalar_t, acc_t, kP>(xp, g.N, g.C, g.S);
+        } else {
+          st = lp_planar_stats<scalar_t, acc_t, kP>(xp, g);
+        }
       });
       const double M = static_cast<double>(g.rows());
       acc_t* mp = mean.mutable_data_ptr<acc_t>();
@@ -1428,10 +1535,28 @@ std::tuple<Tensor, Tensor, Tensor> lp_norm_backward_cpu(
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* dxp = out.dx.mutable_data_ptr<scalar_t>();
     std::vector<double> tot_dy(g.C, 0.0), tot_dy_xc(g.C, 0.0);
+    const acc_t *np = nrm.const_data_ptr<acc_t>(), *wp = w.const_data_ptr<acc_t>();
+    const int64_t* ap = am.const_data_ptr<int64_t>();
     with_lp_kind(kind, [&](auto P) {
-      LpBackwardPolicy<scalar_t, acc_t, decltype(P)::value> pol(
-          BackwardCommon<acc_t>{params, static_cast<double>(g.rows()), training}, nrm.const_data_ptr<acc_t>(),
-          am.const_data_ptr<int64_t>(), eps, w.const_data_ptr<acc_t>());
+      using Policy = LpBackwardPolicy<scalar_t, acc_t, decltype(P)::value>;
+      if (short_runs(g)) {  // as rows of C * S columns, the per-channel constants repeated per column
+        const int64_t F = g.S, K = g.C * F;
+        std::vector<acc_t> n_col(K), w_col(K);
+        std::vector<int64_t> a_col(K);
+        const bool has_argmax = am.numel() == g.C;  // only p = inf training needs (and checks) it
+        for (int64_t k = 0; k < K; ++k)
+          n_col[k] = np[k / F], w_col[k] = wp[k / F], a_col[k] = has_argmax ? ap[k / F] : -1;
+        const ChannelParams<acc_t> pc = params.repeat(F);  // (BackwardCommon keeps a reference)
+        Policy pol(BackwardCommon<acc_t>{pc, static_cast<double>(g.rows()), training}, n_col.data(),
+                   a_col.data(), eps, w_col.data());
+        std::vector<double> col_dy(K, 0.0), col_dy_xc(K, 0.0);
+        backward_passes<scalar_t, acc_t>(dyp, xp, dxp, Geometry{true, g.N, K, 1}, pol, col_dy.data(),
+                                         col_dy_xc.data(), F);
+        if (training) pol.finish(dyp, xp, dxp, g, F);
+        for (int64_t c = 0; c < g.C; ++c) tot_dy[c] = col_dy[c * F], tot_dy_xc[c] = col_dy_xc[c * F];
+        return;
+      }
+      Policy pol(BackwardCommon<acc_t>{params, static_cast<double>(g.rows()), training}, np, ap, eps, wp);
       backward_passes<scalar_t, acc_t>(dyp, xp, dxp, g, pol, tot_dy.data(), tot_dy_xc.data());
       if (training) pol.finish(dyp, xp, dxp, g);
     });
