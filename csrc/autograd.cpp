@@ -77,10 +77,12 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     ctx->saved_data["flags"] = mask | (training ? 8 : 0) | (relu ? 16 : 0);
     ctx->saved_data["eps"] = eps;
     ctx->mark_non_differentiable({mean, var});
+    ctx->set_materialize_grads(false);  // (no zero tensors for the statistics' absent gradients)
     return {out, mean, var};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(8);
     static auto bwd = find_op<BnBackwardSig>("bnext::batch_norm_backward");
     static auto composite = find_op<BnBackwardSig>("bnext::batch_norm_backward_composite");
     const auto saved = ctx->get_saved_variables();
@@ -94,6 +96,7 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
                                             training, eps, relu);
     } else {
       // The kernel's sums: grad_bias = sum_dy, grad_weight = sum_dy_xhat.
+      at::AutoDispatchBelowADInplaceOrView below;  // grad mode is off: skip the autograd fallback
       std::tie(dx, db, dw) = bwd.call(grads[0], input, optional_of(weight), optional_of(bias), mean, var,
                                       training, eps, relu);
     }
@@ -145,10 +148,12 @@ struct NoisyBatchNormFunction : public torch::autograd::Function<NoisyBatchNormF
     ctx->saved_data["noise"] = noise.vec();
     ctx->saved_data["noise_channels"] = noise_channels;
     ctx->mark_non_differentiable({mean, var});
+    ctx->set_materialize_grads(false);
     return {out, mean, var};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(7);
     static auto bwd = find_op<NoisyBackwardSig>("bnext::noisy_batch_norm_backward");
     static auto composite = find_op<NoisyBackwardSig>("bnext::noisy_batch_norm_backward_composite");
     const auto saved = ctx->get_saved_variables();
@@ -163,6 +168,7 @@ struct NoisyBatchNormFunction : public torch::autograd::Function<NoisyBatchNormF
       std::tie(dx, dw, db) = composite.call(grads[0], input, optional_of(weight), optional_of(bias), mean, var,
                                             eps, seed, noise, noise_channels);
     } else {
+      at::AutoDispatchBelowADInplaceOrView below;  // grad mode is off: skip the autograd fallback
       std::tie(dx, db, dw) = bwd.call(grads[0], input, optional_of(weight), optional_of(bias), mean, var, eps,
                                       seed, noise, noise_channels);
     }
@@ -207,10 +213,12 @@ struct LpNormFunction : public torch::autograd::Function<LpNormFunction> {
     ctx->saved_data["p"] = p;
     ctx->saved_data["eps"] = eps;
     ctx->mark_non_differentiable({mean, norm, argmax});
+    ctx->set_materialize_grads(false);
     return {out, mean, norm, argmax};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(8);
     static auto bwd = find_op<LpBackwardSig>("bnext::lp_norm_backward");
     static auto composite = find_op<LpBackwardSig>("bnext::lp_norm_backward_composite");
     const auto saved = ctx->get_saved_variables();
@@ -224,6 +232,7 @@ struct LpNormFunction : public torch::autograd::Function<LpNormFunction> {
       std::tie(dx, dw, db) = composite.call(grads[0], input, p, optional_of(weight), optional_of(bias), mean, norm,
                                             argmax, training, eps);
     } else {
+      at::AutoDispatchBelowADInplaceOrView below;  // grad mode is off: skip the autograd fallback
       std::tie(dx, db, dw) = bwd.call(grads[0], input, p, optional_of(weight), optional_of(bias), mean, norm,
                                       argmax, training, eps);
     }

@@ -559,8 +559,18 @@ def test_vgg_data_parallel_matches_one_process(tmp_path):
         one_train, one_test = _train_losses(tmp_path / "single", run_id)
         assert len(dp_train) == len(one_train) == 3 and len(dp_test) == len(one_test) == 3
         assert abs(dp_train[0] - one_train[0]) < 1e-5 * one_train[0], (norm, dp_train, one_train)
-        torch.testing.assert_close(dp_train, one_train, rtol=1e-3, atol=0, msg=lambda m: f"{norm} train: {m}")
-        torch.testing.assert_close(dp_test, one_test, rtol=1e-3, atol=0, msg=lambda m: f"{norm} test: {m}")
+        if norm == "linf":
+            # The l_inf gradient goes to each channel's arg-max: where two activations are tied to within
+            # rounding, the two runs may pick different ones, and the step after differs by O(lr) in that
+            # channel, not by rounding (measured: 2.6e-8 and 1.7e-7 relative at steps 0 and 1, then 1.4e-3
+            # at step 2 after such a flip). So steps 0-1 are held to rounding, step 2 only to that jump.
+            torch.testing.assert_close(dp_train[:2], one_train[:2], rtol=1e-5, atol=0,
+                                       msg=lambda m: f"{norm} train: {m}")
+            torch.testing.assert_close(dp_train, one_train, rtol=1e-2, atol=0, msg=lambda m: f"{norm} train: {m}")
+            torch.testing.assert_close(dp_test, one_test, rtol=1e-2, atol=0, msg=lambda m: f"{norm} test: {m}")
+        else:
+            torch.testing.assert_close(dp_train, one_train, rtol=1e-3, atol=0, msg=lambda m: f"{norm} train: {m}")
+            torch.testing.assert_close(dp_test, one_test, rtol=1e-3, atol=0, msg=lambda m: f"{norm} test: {m}")
         assert (tmp_path / "dp" / "runs" / run_id / "rank1" / "summary.json").exists()
         dp, one = tmp_path / "dp", tmp_path / "single"
         _check_measured_on_global_batch(_measures(dp, run_id), _measures(one, run_id), norm)

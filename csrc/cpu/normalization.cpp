@@ -20,15 +20,16 @@
 // element has a direction term, patched after the pass).
 // Planar (NCHW) layout: the (n, c) runs are walked in memory order, parallel over runs; reductions
 // produce one partial per run, merged per channel in n order. Short runs (S <= kShortRun) are the
-// exception: BatchNorm treats such an input as rows of C * S columns, like the interleaved layout
-// (see short_runs), so that a run does not cost a reduction and a merge of its own. Re-reading a block of channels from
+// exception: all three layers treat such an input as rows of C * S columns, like the interleaved
+// layout (see short_runs), so that a run does not cost a reduction and a merge of its own. Re-reading a block of channels from
 // cache instead (one trip to memory per tensor) was tried and measured 1.2-2x slower on this 2-core
 // EPYC (single-thread microbenchmark at 128x64x32x32 and 256x128x16x16): a block is N pieces of a
 // few KB, N*C*S apart, and such short strided pieces stream at half the speed of one long run, with
 // or without software prefetch (tried at several distances) or huge pages. Pieces reach streaming
 // speed only at ~64 KB, and blocks of such pieces (several MB per thread) lose the cache re-read.
-// Interleaved (channels-last) layout: rows are cut into fixed-size chunks, each chunk produces
-// per-channel partial results (vectorized over C), merged in chunk order. (Looping over blocks of
+// Interleaved (channels-last) layout: rows are cut into fixed-size chunks (for the BatchNorm
+// statistics with many channels, tiles of rows x channels: interleaved_chunks), each chunk produces
+// per-channel partial results (vectorized over C), merged in chunk order (merge_partials). (Looping over blocks of
 // channels with the rows inside, to keep a block's constants and sums in local arrays, was tried and
 // measured 1.3-1.7x slower.)
 // Large planar outputs are written with non-temporal stores (see kStreamingStoreBytes): a plain store
@@ -418,47 +419,66 @@ std::vector<WelfordState<double>> rows_stats(const scalar_t* x, int64_t R, int64
   return merge_partials(partial, nchunks, C);
 }
 
-// Per-channel statistics of rows [r0, r1) of an interleaved (M, C) array, written to `out`.
+// Per-channel statistics of rows [r0, r1) and channels [c0, c1) of an interleaved (M, C) array,
+// written to out[c - c0].
 template <typename scalar_t, typename acc_t>
-void interleaved_chunk_stats(const scalar_t* x, int64_t C, int64_t r0, int64_t r1,
+void interleaved_chunk_stats(const scalar_t* x, int64_t C, int64_t c0, int64_t c1, int64_t r0, int64_t r1,
                              acc_t* sum, acc_t* m2, acc_t* mean, WelfordState<double>* out) {
-  const scalar_t* pivot = x + r0 * C;
-  for (int64_t c = 0; c < C; ++c) sum[c] = 0, m2[c] = 0;
+  const int64_t W = c1 - c0;
+  const scalar_t* pivot = x + r0 * C + c0;
+  for (int64_t c = 0; c < W; ++c) sum[c] = 0, m2[c] = 0;
   for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* row = x + r * C;
+    const scalar_t* row = x + r * C + c0;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) sum[c] += to_acc<acc_t>(row[c]) - to_acc<acc_t>(pivot[c]);
+    for (int64_t c = 0; c < W; ++c) sum[c] += to_acc<acc_t>(row[c]) - to_acc<acc_t>(pivot[c]);
   }
   const acc_t inv_rows = acc_t(1) / static_cast<acc_t>(r1 - r0);
 #pragma omp simd
-  for (int64_t c = 0; c < C; ++c) mean[c] = to_acc<acc_t>(pivot[c]) + sum[c] * inv_rows;
+  for (int64_t c = 0; c < W; ++c) mean[c] = to_acc<acc_t>(pivot[c]) + sum[c] * inv_rows;
   for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* row = x + r * C;
+    const scalar_t* row = x + r * C + c0;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
+    for (int64_t c = 0; c < W; ++c) {
       const acc_t d = to_acc<acc_t>(row[c]) - mean[c];
       m2[c] += d * d;
     }
   }
-  for (int64_t c = 0; c < C; ++c) {
-    const double m = static_cast<double>(to_acc<acc_t>(pivot[c])) + static_cast<double>(sum[c]) / (r1 - r0);
+  const double inv_rows64 = 1.0 / static_cast<double>(r1 - r0);
+  for (int64_t c = 0; c < W; ++c) {
+    const double m = static_cast<double>(to_acc<acc_t>(pivot[c])) + static_cast<double>(sum[c]) * inv_rows64;
     out[c] = WelfordState<double>{m, static_cast<double>(m2[c]), r1 - r0};
   }
 }
 
+// Chunks of the interleaved statistics: `rows` rows by `cols` channels, about kChunkElems values
+// (read twice while cached). Every chunk leaves one partial per channel, and finishing and merging
+// one costs about as much as reducing 20-40 values, so a chunk keeps at least kStatsRows rows: with
+// many channels it covers a tile of them instead of whole rows (256 x 4096: 16k partials instead of
+// 131k with 8-row chunks, the statistics 0.75 -> ~0.2 ms).
+constexpr int64_t kStatsRows = 64;
+struct InterleavedChunks {
+  int64_t rows, cols, row_blocks, col_blocks;
+};
+inline InterleavedChunks interleaved_chunks(int64_t M, int64_t C) {
+  const int64_t cols = C * kStatsRows > kChunkElems ? kChunkElems / kStatsRows : std::max<int64_t>(C, 1);
+  const int64_t rows = std::max<int64_t>(1, kChunkElems / cols);
+  return {rows, cols, (M + rows - 1) / rows, (C + cols - 1) / cols};
+}
+
 template <typename scalar_t, typename acc_t>
 std::vector<WelfordState<double>> interleaved_stats(const scalar_t* x, const Geometry& g) {
-  const int64_t C = g.C, M = g.rows(), rpc = rows_per_chunk(C);
-  const int64_t nchunks = (M + rpc - 1) / rpc;
-  std::vector<WelfordState<double>> partial(nchunks * C);
-  parallel_for(0, nchunks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> sum(C), m2(C), mean(C);
+  const int64_t C = g.C, M = g.rows();
+  const InterleavedChunks t = interleaved_chunks(M, C);
+  std::vector<WelfordState<double>> partial(t.row_blocks * C);  // [row block * C + channel]
+  parallel_for(0, t.row_blocks * t.col_blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> sum(t.cols), m2(t.cols), mean(t.cols);
     for (int64_t b = b0; b < b1; ++b) {
-      interleaved_chunk_stats<scalar_t, acc_t>(x, C, b * rpc, std::min(M, (b + 1) * rpc), sum.data(),
-                                               m2.data(), mean.data(), &partial[b * C]);
+      const int64_t rb = b / t.col_blocks, c0 = (b % t.col_blocks) * t.cols, c1 = std::min(C, c0 + t.cols);
+      interleaved_chunk_stats<scalar_t, acc_t>(x, C, c0, c1, rb * t.rows, std::min(M, (rb + 1) * t.rows), sum.data(),
+                                               m2.data(), mean.data(), &partial[rb * C + c0]);
     }
   });
-  return merge_partials(partial, nchunks, C);
+  return merge_partials(partial, t.row_blocks, C);
 }
 
 // BatchNorm statistics for either layout: short-run planar inputs as rows with F = S columns per
@@ -1176,6 +1196,13 @@ struct LpBackwardPolicy : BnBackward<scalar_t, acc_t, false> {
   }
 };
 
+// Rows per chunk of the interleaved backward sums: pass 1 reads each value once (no second sweep to
+// keep cached), so only the per-chunk cost matters (three C-wide accumulators cleared, one fp64
+// partial per channel), and a chunk keeps at least kStatsRows rows, up to kSegment in acc_t.
+inline int64_t grad_rows_per_chunk(int64_t C) {
+  return std::min(kSegment, std::max(kStatsRows, rows_per_chunk(C)));
+}
+
 // The two passes for either layout. Sums per planar run (merged per channel in n order) or per
 // interleaved chunk (merged in chunk order), in fp64 totals; training then writes dx.
 // Interleaved with F > 1: g is a short-run planar input seen as rows of g.C = C * F columns, F per
@@ -1221,7 +1248,7 @@ void backward_passes(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
     });
     return;
   }
-  const int64_t M_rows = g.rows(), rpc = stats_rows_per_chunk(C), Cr = C / F;
+  const int64_t M_rows = g.rows(), rpc = grad_rows_per_chunk(C), Cr = C / F;
   const int64_t nchunks = (M_rows + rpc - 1) / rpc, rows_per_tile = std::max<int64_t>(1, kSegment / C);
   std::vector<double> part_dy(nchunks * Cr), part_dy_xc(nchunks * Cr), part_xc(nchunks * Cr);
   parallel_for(0, nchunks, 1, [&](int64_t b0, int64_t b1) {
