@@ -63,8 +63,9 @@ def reference_noise(seed, shape, noise=PAPER):
 
 # (40, 5, 4, 6) channels-last: 960 rows in tiles of 2048 // 5 = 409 rows, so a tile starts at an odd
 # spatial position (a row drawn alone before the row pairs); S odd: no row pairs at all, and planar
-# runs that start at odd indices.
-@pytest.mark.parametrize("shape", [(3, 5, 4, 6), (40, 5, 4, 6), (3, 4, 3, 5), (2, 3, 1, 1)])
+# runs that start at odd indices. (3, 7, 17, 1) and (2, 15, 9, 3) channels-last: fewer than 16 channels
+# with S >= 16, drawn per (sample, channel) along s and scattered into rows (NoiseDraw::channel_runs).
+@pytest.mark.parametrize("shape", [(3, 5, 4, 6), (40, 5, 4, 6), (3, 4, 3, 5), (2, 3, 1, 1), (3, 7, 17, 1), (2, 15, 9, 3)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_kernel_noise_matches_the_documented_formula(layout, shape):
     seed = torch.tensor(0x1234_5678_9ABC_DEF1 & (2 ** 63 - 1))

@@ -756,6 +756,7 @@ struct NoiseDraw {
       return;
     }
     const int64_t C = g.C, S = g.S;
+    if (C < kNarrowRow && S >= kNarrowRow) return channel_runs(m0, rows, z, v);
     for (int64_t r = 0; r < rows;) {
       const int64_t m = m0 + r, n = m / S, s = m % S;
       if (S % 2 == 0 && s % 2 == 0 && r + 1 < rows) {
@@ -766,6 +767,30 @@ struct NoiseDraw {
         row(m, 0, C, z + r * C, v ? v + r * C : nullptr);
         r += 1;
       }
+    }
+  }
+
+ private:
+  // A row of fewer than kNarrowRow channels fills less than one vector of the generator, which then
+  // draws most values on its scalar tail (~35 ns each instead of ~2.5; 128x8x32x32 channels-last
+  // forward+backward took 41 ms against 2.7 ms planar). Along s the indices of one channel are
+  // consecutive, so rows m0.. are drawn as one contiguous block per (sample, channel), the vector
+  // generator's fast case, and scattered into the row-major tile: the same values (the generator is
+  // counter-based: a value depends on its index only).
+  static constexpr int64_t kNarrowRow = 16;
+  void channel_runs(int64_t m0, int64_t rows, float* z, float* v) const {
+    const int64_t C = g.C, S = g.S;
+    alignas(64) float zc[kSegment], vc[kSegment];
+    for (int64_t r = 0; r < rows;) {
+      const int64_t m = m0 + r, n = m / S, s = m % S;
+      const int64_t len = std::min({rows - r, S - s, kSegment});  // rows of one sample
+      for (int64_t c = 0; c < C; ++c) {
+        noise_cpu::normal_block(ns, noise_index(n, c, s, ns.period, S), 1, len, zc, v ? vc : nullptr);
+        for (int64_t i = 0; i < len; ++i) z[(r + i) * C + c] = zc[i];
+        if (v)
+          for (int64_t i = 0; i < len; ++i) v[(r + i) * C + c] = vc[i];
+      }
+      r += len;
     }
   }
 };
