@@ -933,6 +933,29 @@ void forward_kernel(const at::Tensor& x, at::Tensor& y, const Geometry& g, bool 
 // (g = dy * s with s regenerated from the seed), l_p (dx = (g - mean_dy - q * dir(x)) * coeff).
 // ---------------------------------------------------------------------------------------------
 
+// bn_masked_grad for the interleaved loops, as a bitwise AND of dy with the ReLU's mask: the same
+// values (+0 where y <= 0, dy elsewhere, dy where y is NaN), but written as a select GCC folds it
+// into an AVX-512 masked load of dy that waits for x's arithmetic. Measured on the channels-last
+// training backward with ReLU (128x64x32x32 fp32, 1 thread): 10.3 -> 8.8 ms (6.1 ms without ReLU;
+// GCC still emits a masked load in the sums pass, the dx pass no longer does; staging dy in an L1
+// tile first made no difference).
+template <typename acc_t>
+inline acc_t relu_masked_grad(acc_t dy, acc_t x, const ChannelAffine<acc_t>& a) {
+  using bits_t = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
+  const acc_t y = centred(x, a.mean, a.mean_lo) * a.scale + a.shift;
+  const bits_t keep = y <= acc_t(0) ? bits_t(0) : ~bits_t(0);
+  return __builtin_bit_cast(acc_t, __builtin_bit_cast(bits_t, dy) & keep);
+}
+
+template <typename acc_t, bool RELU>
+inline acc_t masked_grad_rows(acc_t dy, acc_t x, const ChannelAffine<acc_t>& a) {
+  if constexpr (RELU) {
+    return relu_masked_grad(dy, x, a);
+  } else {
+    return dy;
+  }
+}
+
 // Sums of g and g * (x - mean) over one segment (len <= kSegment), g = dy masked by the recomputed
 // ReLU. With WRITE_EVAL_GRAD the eval-mode input gradient g * scale is written in the same pass.
 template <typename scalar_t, typename acc_t, bool RELU, bool WRITE_EVAL_GRAD>
@@ -970,7 +993,7 @@ void interleaved_grad_sums(const scalar_t* dy, const scalar_t* x, scalar_t* dx, 
     for (int64_t c = 0; c < C; ++c) {
       const ChannelAffine<acc_t> a{mean[c], scale[c], shift[c], lo[c]};
       const acc_t xv = to_acc<acc_t>(x[off + c]);
-      const acc_t gv = bn_masked_grad(to_acc<acc_t>(dy[off + c]), xv, a, RELU);
+      const acc_t gv = masked_grad_rows<acc_t, RELU>(to_acc<acc_t>(dy[off + c]), xv, a);
       s_dy[c] += gv;
       s_dy_xc[c] += gv * (xv - mean[c]);
       s_xc[c] += xv - mean[c];
@@ -1066,7 +1089,7 @@ struct BnBackward : BackwardCommon<acc_t> {
         const ChannelAffine<acc_t> af{mean[c], scale[c], shift[c], mlo[c]};
         const ChannelBackward<acc_t> k{mean[c], mdy[c], pj[c], scale[c], lo[c]};
         const acc_t xv = to_acc<acc_t>(x[off + c]);
-        const acc_t gv = bn_masked_grad(to_acc<acc_t>(dy[off + c]), xv, af, RELU);
+        const acc_t gv = masked_grad_rows<acc_t, RELU>(to_acc<acc_t>(dy[off + c]), xv, af);
         out[off + c] = from_acc<scalar_t>(bn_backward_train_value(gv, xv, k));
       }
     }
