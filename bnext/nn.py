@@ -175,20 +175,27 @@ class _NoisyBatchNormMixin(_NormLayerMixin):
 
 
 class NoisyBatchNorm1d(_NoisyBatchNormMixin, torch.nn.BatchNorm1d):
-    """Noisy torch.nn.BatchNorm1d, (N, C) or (N, C, L) input (see _NoisyBatchNormMixin)."""
+    """Noisy BatchNorm (bnext.noisy_batch_norm) of (N, C) or (N, C, L) input: torch.nn.BatchNorm1d's
+    arguments and state, plus the noise (noise_mean, noise_std, noise_mean_spread, noise_std_spread,
+    generator) and process_group."""
 
 
 class NoisyBatchNorm2d(_NoisyBatchNormMixin, torch.nn.BatchNorm2d):
-    """Noisy torch.nn.BatchNorm2d, (N, C, H, W) input (see _NoisyBatchNormMixin)."""
+    """Noisy BatchNorm (bnext.noisy_batch_norm) of (N, C, H, W) input: torch.nn.BatchNorm2d's
+    arguments and state, plus the noise (noise_mean, noise_std, noise_mean_spread, noise_std_spread,
+    generator) and process_group."""
 
 
 class NoisyBatchNorm3d(_NoisyBatchNormMixin, torch.nn.BatchNorm3d):
-    """Noisy torch.nn.BatchNorm3d, (N, C, D, H, W) input (see _NoisyBatchNormMixin)."""
+    """Noisy BatchNorm (bnext.noisy_batch_norm) of (N, C, D, H, W) input: torch.nn.BatchNorm3d's
+    arguments and state, plus the noise (noise_mean, noise_std, noise_mean_spread, noise_std_spread,
+    generator) and process_group."""
 
 
 class NoisySyncBatchNorm(_NoisyBatchNormMixin, torch.nn.SyncBatchNorm):
-    """Noisy torch.nn.SyncBatchNorm, (N, C, *) input of any rank >= 2 (see _NoisyBatchNormMixin): what
-    convert(to="noisy_bn") makes of a SyncBatchNorm."""
+    """Noisy BatchNorm (bnext.noisy_batch_norm) of (N, C, *) input of any rank >= 2, like
+    torch.nn.SyncBatchNorm: what convert(to="noisy_bn") makes of one. torch.nn.SyncBatchNorm's state;
+    the arguments of the other NoisyBatchNorm layers (process_group is keyword-only, after the noise)."""
 
 
 class _LpNorm(_NormLayerMixin, torch.nn.Module):

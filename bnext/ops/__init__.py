@@ -1,21 +1,22 @@
 """bnext's operators: the functional API and their torch.library registrations (fake kernels,
 double-backward composites, vmap rules), one module per op:
 
-    batch_norm.py        bnext::batch_norm_forward / _backward       batch_norm
-    noisy_batch_norm.py  bnext::noisy_batch_norm_forward / _backward noisy_batch_norm, draw_seed
-    lp_norm.py           bnext::lp_norm_forward / _backward          lp_norm, lp_norm_reference
-    grad_stats.py        bnext::grad_stats, multi_axpy                grad_stats, multi_axpy, cosine, l2_distance
-    sync.py              bnext::batch_norm_stats, lp_norm_stats, sync_backward_elementwise, noise_apply;
-                         channel_stats (bnext.distributed builds on these)
-    running_stats.py     bnext::update_running_stats                 update_running_stats
+    module               registered ops (csrc/registration.cpp)          functions
+    batch_norm.py        batch_norm_forward / _backward                  batch_norm
+    noisy_batch_norm.py  noisy_batch_norm_forward / _backward            noisy_batch_norm, draw_seed
+    lp_norm.py           lp_norm_forward / _backward                     lp_norm, lp_norm_reference
+    grad_stats.py        grad_stats, multi_axpy                          grad_stats, multi_axpy, cosine,
+                                                                         l2_distance
+    sync.py              batch_norm_stats, lp_norm_stats,                channel_stats
+                         sync_backward_elementwise, noise_apply
+    running_stats.py     update_running_stats                            update_running_stats
     registration.py      what the registrations share: fake outputs, the channel-folding vmap rule
     checks.py            the argument checks the normalization wrappers share
 
-Schemas and CPU/CUDA kernels live in csrc/ (csrc/registration.cpp), the autograd of the
-normalization ops in csrc/autograd.cpp. Importing this package registers everything. The functions
-below are re-exported here under their old names; they shadow the submodules of the same name as
-attributes (bnext.ops.batch_norm is the function): import a module's other names with
-`from bnext.ops.batch_norm import ...`."""
+The CPU/CUDA kernels live in csrc/, the autograd of the normalization ops in csrc/autograd.cpp.
+Importing this package registers everything. The public functions are re-exported here, so a
+function shadows the submodule of the same name as an attribute (bnext.ops.batch_norm is the
+function); reach a module's other names with `from bnext.ops.batch_norm import ...`."""
 from .checks import check_input_tensor, check_norm_args
 from .running_stats import update_running_stats
 from .batch_norm import batch_norm, batch_norm_backward_reference
