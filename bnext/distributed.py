@@ -44,7 +44,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import _acc_dtype, _ops, check_norm_args, draw_seed, update_running_stats
+from .ops.checks import check_norm_args
+from .ops.noisy_batch_norm import draw_seed
+from .ops.registration import _acc_dtype, _ops
+from .ops.running_stats import update_running_stats
 
 __all__ = ["check_process_group", "is_synchronized", "sync_disabled", "sync_batch_norm", "sync_noisy_batch_norm",
            "sync_lp_norm", "merge_welford"]

@@ -8,12 +8,15 @@ runs bnext's fused kernels, optionally with a fused ReLU.
 """
 import inspect
 import math
+import sys
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .ops import batch_norm, check_norm_args, check_p, lp_norm, noisy_batch_norm, _check_noise_args
+from .ops.batch_norm import batch_norm
+from .ops.lp_norm import check_p, lp_norm
+from .ops.noisy_batch_norm import _check_noise_args, noisy_batch_norm
 from . import distributed as _dist
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "NoisyBatchNorm1d", "NoisyBatchNorm2d",
@@ -34,10 +37,12 @@ def _drop_bias_if_unsupported(module, bias: bool):
         module.register_parameter("bias", None)
 
 
-class _ProcessGroupMixin:
-    """The `process_group` of a layer (bnext.distributed): None, or a torch.distributed.ProcessGroup,
-    checked when set. Held by reference so that copy.deepcopy(model) shares the group (a ProcessGroup
-    cannot be copied) and pickling drops it; it is not part of the state_dict."""
+class _NormLayerMixin:
+    """What every bnext normalization layer shares: its `process_group` and the start of forward().
+
+    process_group (bnext.distributed): None, or a torch.distributed.ProcessGroup, checked when set.
+    Held by reference so that copy.deepcopy(model) shares the group (a ProcessGroup cannot be copied)
+    and pickling drops it; it is not part of the state_dict."""
 
     @property
     def process_group(self):
@@ -49,33 +54,49 @@ class _ProcessGroupMixin:
         _dist.check_process_group(type(self).__name__, group)
         self.__dict__["_process_group_ref"] = _dist.GroupRef(group)
 
-
-class _FusedBatchNormMixin(_ProcessGroupMixin):
-    """forward() of torch's _BatchNorm, routed to bnext.batch_norm."""
-
-    def _init_activation(self, activation: Optional[str]):
-        if activation not in (None, "relu"):
-            raise ValueError(f"{type(self).__name__}: activation must be None or 'relu', got {activation!r}")
-        self.activation = activation
-
-    def forward(self, input: Tensor) -> Tensor:
+    def _forward_prologue(self, input: Tensor, running_second: Optional[Tensor]):
+        """torch's _BatchNorm.forward up to the kernel call, for a layer whose second running statistic
+        is `running_second` (running_var, or running_norm): checks the input rank, counts the batch in
+        training, and returns (factor, running_mean, running_second, use_batch_stats):
+            factor           the momentum of this step's running update; momentum=None: 1 / batches
+                             tracked, a cumulative moving average, as in torch
+            running_*        the buffers to read (eval) or update (training); None in training
+                             without track_running_stats
+            use_batch_stats  training, or eval without running statistics"""
         self._check_input_dim(input)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-            # momentum=None: cumulative moving average, as in torch.
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
+        use_batch_stats = self.training or (self.running_mean is None and running_second is None)
+        if self.training and not self.track_running_stats:
+            return factor, None, None, use_batch_stats
+        return factor, self.running_mean, running_second, use_batch_stats
+
+
+class _FusedBatchNormMixin(_NormLayerMixin):
+    """torch's _BatchNorm with forward() routed to bnext.batch_norm (or bnext.distributed's
+    synchronized version in training with a process group), ``activation="relu"`` fused into it."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=None, *, bias: bool = True, activation: Optional[str] = None,
+                 process_group=None):
+        # Keywords, not positions: torch's SyncBatchNorm takes process_group where the others take device.
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         **_bias_kwargs(bias))
+        _drop_bias_if_unsupported(self, bias)
+        if activation not in (None, "relu"):
+            raise ValueError(f"{type(self).__name__}: activation must be None or 'relu', got {activation!r}")
+        self.activation = activation
+        self.process_group = process_group
+
+    def forward(self, input: Tensor) -> Tensor:
+        factor, running_mean, running_var, use_batch_stats = self._forward_prologue(input, self.running_var)
         if _dist.is_synchronized(self.process_group, self.training):
-            return _dist.sync_batch_norm(
-                input, self.running_mean if track else None, self.running_var if track else None,
-                self.weight, self.bias, factor, self.eps, self.activation, self.process_group)
-        return batch_norm(
-            input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight, self.bias, use_batch_stats, factor, self.eps, activation=self.activation)
+            return _dist.sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, factor, self.eps,
+                                         self.activation, self.process_group)
+        return batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor,
+                          self.eps, activation=self.activation)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -83,42 +104,15 @@ class _FusedBatchNormMixin(_ProcessGroupMixin):
 
 
 class BatchNorm1d(_FusedBatchNormMixin, torch.nn.BatchNorm1d):
-    """torch.nn.BatchNorm1d on bnext kernels; ``activation="relu"`` fuses a ReLU."""
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, *, bias: bool = True, activation: Optional[str] = None,
-                 process_group=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         **_bias_kwargs(bias))
-        _drop_bias_if_unsupported(self, bias)
-        self._init_activation(activation)
-        self.process_group = process_group
+    """torch.nn.BatchNorm1d on bnext kernels, (N, C) or (N, C, L) input; ``activation="relu"`` fuses a ReLU."""
 
 
 class BatchNorm2d(_FusedBatchNormMixin, torch.nn.BatchNorm2d):
-    """torch.nn.BatchNorm2d on bnext kernels; ``activation="relu"`` fuses a ReLU."""
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, *, bias: bool = True, activation: Optional[str] = None,
-                 process_group=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         **_bias_kwargs(bias))
-        _drop_bias_if_unsupported(self, bias)
-        self._init_activation(activation)
-        self.process_group = process_group
+    """torch.nn.BatchNorm2d on bnext kernels, (N, C, H, W) input; ``activation="relu"`` fuses a ReLU."""
 
 
 class BatchNorm3d(_FusedBatchNormMixin, torch.nn.BatchNorm3d):
-    """torch.nn.BatchNorm3d on bnext kernels; ``activation="relu"`` fuses a ReLU."""
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, *, bias: bool = True, activation: Optional[str] = None,
-                 process_group=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         **_bias_kwargs(bias))
-        _drop_bias_if_unsupported(self, bias)
-        self._init_activation(activation)
-        self.process_group = process_group
+    """torch.nn.BatchNorm3d on bnext kernels, (N, C, D, H, W) input; ``activation="relu"`` fuses a ReLU."""
 
 
 class SyncBatchNorm(_FusedBatchNormMixin, torch.nn.SyncBatchNorm):
@@ -133,18 +127,28 @@ class SyncBatchNorm(_FusedBatchNormMixin, torch.nn.SyncBatchNorm):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  process_group=None, device=None, dtype=None, *, bias: bool = True,
                  activation: Optional[str] = None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype,
+        # torch.nn.SyncBatchNorm's order of arguments: process_group before device and dtype.
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+                         activation=activation, process_group=process_group)
+
+
+class _NoisyBatchNormMixin(_NormLayerMixin):
+    """Noisy BatchNorm (the paper's Algorithm 1, bnext/experiments/PROTOCOL.md, section 'Noisy
+    BatchNorm') on top of torch's _BatchNorm state: torch's arguments, parameters and state_dict,
+    plus noise_mean, noise_std, noise_mean_spread, noise_std_spread (see bnext.noisy_batch_norm), an
+    optional torch.Generator for the noise seeds, and process_group (synchronized statistics across
+    ranks in training, see bnext.distributed; None: local). In training, bnext.noisy_batch_norm
+    (batch statistics, affine, then s * a + m with fresh noise per call); in eval, plain BatchNorm
+    (no noise)."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=None, *, bias: bool = True, noise_mean=0.5, noise_std=1.25,
+                 noise_mean_spread=0.1, noise_std_spread=0.1, generator: Optional[torch.Generator] = None,
+                 process_group=None):
+        # Keywords, not positions: torch's SyncBatchNorm takes process_group where the others take device.
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
                          **_bias_kwargs(bias))
         _drop_bias_if_unsupported(self, bias)
-        self._init_activation(activation)
-
-
-class _NoisyBatchNormMixin(_ProcessGroupMixin):
-    """Noisy BatchNorm (the paper's Algorithm 1) on top of torch's _BatchNorm state: in training,
-    bnext.noisy_batch_norm (batch statistics, affine, then s * a + m with fresh noise per call);
-    in eval, plain BatchNorm (no noise)."""
-
-    def _init_noise(self, noise_mean, noise_std, noise_mean_spread, noise_std_spread, generator, process_group):
         self.process_group = process_group
         _check_noise_args(type(self).__name__, noise_mean, noise_std, noise_mean_spread, noise_std_spread)
         self.noise_mean, self.noise_std = float(noise_mean), float(noise_std)
@@ -152,64 +156,55 @@ class _NoisyBatchNormMixin(_ProcessGroupMixin):
         self.generator = generator
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        factor, running_mean, running_var, use_batch_stats = self._forward_prologue(input, self.running_var)
         if not self.training:
-            use_batch_stats = self.running_mean is None and self.running_var is None
-            return batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
-                              use_batch_stats, factor, self.eps)
-        track = self.track_running_stats
+            return batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor,
+                              self.eps)
         if _dist.is_synchronized(self.process_group, True):
             return _dist.sync_noisy_batch_norm(
-                input, self.running_mean if track else None, self.running_var if track else None,
-                self.weight, self.bias, factor, self.eps,
+                input, running_mean, running_var, self.weight, self.bias, factor, self.eps,
                 [self.noise_mean, self.noise_std, self.noise_mean_spread, self.noise_std_spread],
                 self.generator, self.process_group)
         return noisy_batch_norm(
-            input, self.running_mean if track else None, self.running_var if track else None,
-            self.weight, self.bias, True, factor, self.eps, self.noise_mean, self.noise_std,
-            self.noise_mean_spread, self.noise_std_spread, self.generator)
+            input, running_mean, running_var, self.weight, self.bias, True, factor, self.eps, self.noise_mean,
+            self.noise_std, self.noise_mean_spread, self.noise_std_spread, self.generator)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", noise_mean={self.noise_mean}, noise_std={self.noise_std}, "
                 f"noise_mean_spread={self.noise_mean_spread}, noise_std_spread={self.noise_std_spread}")
 
 
-def _noisy_class(base, name):
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, *, bias: bool = True, noise_mean=0.5, noise_std=1.25,
-                 noise_mean_spread=0.1, noise_std_spread=0.1, generator: Optional[torch.Generator] = None,
-                 process_group=None):
-        # Keywords, not positions: torch's SyncBatchNorm takes process_group where the others take device.
-        base.__init__(self, num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
-                      **_bias_kwargs(bias))
-        _drop_bias_if_unsupported(self, bias)
-        self._init_noise(noise_mean, noise_std, noise_mean_spread, noise_std_spread, generator, process_group)
-
-    doc = (f"Noisy {base.__name__} (bnext/experiments/PROTOCOL.md, section 'Noisy BatchNorm'): {base.__name__}'s arguments, parameters and "
-           "state_dict, plus noise_mean, noise_std, noise_mean_spread, noise_std_spread (see "
-           "bnext.noisy_batch_norm), an optional torch.Generator for the noise seeds, and process_group "
-           "(synchronized statistics across ranks in training, see bnext.distributed; None: local).")
-    return type(name, (_NoisyBatchNormMixin, base), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+class NoisyBatchNorm1d(_NoisyBatchNormMixin, torch.nn.BatchNorm1d):
+    """Noisy BatchNorm (bnext.noisy_batch_norm) of (N, C) or (N, C, L) input: torch.nn.BatchNorm1d's
+    arguments and state, plus the noise (noise_mean, noise_std, noise_mean_spread, noise_std_spread,
+    generator) and process_group."""
 
 
-NoisyBatchNorm1d = _noisy_class(torch.nn.BatchNorm1d, "NoisyBatchNorm1d")
-NoisyBatchNorm2d = _noisy_class(torch.nn.BatchNorm2d, "NoisyBatchNorm2d")
-NoisyBatchNorm3d = _noisy_class(torch.nn.BatchNorm3d, "NoisyBatchNorm3d")
-# Input of any rank >= 2, like torch.nn.SyncBatchNorm: what convert(to="noisy_bn") makes of one.
-NoisySyncBatchNorm = _noisy_class(torch.nn.SyncBatchNorm, "NoisySyncBatchNorm")
+class NoisyBatchNorm2d(_NoisyBatchNormMixin, torch.nn.BatchNorm2d):
+    """Noisy BatchNorm (bnext.noisy_batch_norm) of (N, C, H, W) input: torch.nn.BatchNorm2d's
+    arguments and state, plus the noise (noise_mean, noise_std, noise_mean_spread, noise_std_spread,
+    generator) and process_group."""
 
 
-class _LpNorm(_ProcessGroupMixin, torch.nn.Module):
+class NoisyBatchNorm3d(_NoisyBatchNormMixin, torch.nn.BatchNorm3d):
+    """Noisy BatchNorm (bnext.noisy_batch_norm) of (N, C, D, H, W) input: torch.nn.BatchNorm3d's
+    arguments and state, plus the noise (noise_mean, noise_std, noise_mean_spread, noise_std_spread,
+    generator) and process_group."""
+
+
+class NoisySyncBatchNorm(_NoisyBatchNormMixin, torch.nn.SyncBatchNorm):
+    """Noisy BatchNorm (bnext.noisy_batch_norm) of (N, C, *) input of any rank >= 2, like
+    torch.nn.SyncBatchNorm: what convert(to="noisy_bn") makes of one. torch.nn.SyncBatchNorm's state;
+    the arguments of the other NoisyBatchNorm layers (process_group is keyword-only, after the noise)."""
+
+
+class _LpNorm(_NormLayerMixin, torch.nn.Module):
     """l_p normalization per channel (bnext.lp_norm), p in {1, 2, inf}: like a BatchNorm module
     (weight, bias, running_mean, num_batches_tracked, momentum=None for a cumulative average,
-    track_running_stats), with running_norm (init 1) in place of running_var."""
+    track_running_stats), with running_norm (init 1) in place of running_var. A subclass names the
+    input ranks it takes (_ranks) and how its error message says them (_expected)."""
 
-    _dims = 2
-    _expected = ""
+    _ranks, _expected = (), ""
 
     def __init__(self, num_features: int, p, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
@@ -260,19 +255,12 @@ class _LpNorm(_ProcessGroupMixin, torch.nn.Module):
             raise ValueError(f"{type(self).__name__}: expected {self._expected} input, got {input.dim()}D input")
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        use_batch_stats = self.training or (self.running_mean is None and self.running_norm is None)
-        track = not self.training or self.track_running_stats
+        factor, running_mean, running_norm, use_batch_stats = self._forward_prologue(input, self.running_norm)
         if _dist.is_synchronized(self.process_group, self.training):
-            return _dist.sync_lp_norm(input, self.p, self.running_mean if track else None,
-                                      self.running_norm if track else None, self.weight, self.bias, factor,
+            return _dist.sync_lp_norm(input, self.p, running_mean, running_norm, self.weight, self.bias, factor,
                                       self.eps, self.process_group)
-        return lp_norm(input, self.p, self.running_mean if track else None, self.running_norm if track else None,
-                       self.weight, self.bias, use_batch_stats, factor, self.eps)
+        return lp_norm(input, self.p, running_mean, running_norm, self.weight, self.bias, use_batch_stats, factor,
+                       self.eps)
 
     def extra_repr(self) -> str:
         p = "inf" if math.isinf(self.p) else int(self.p)
@@ -299,11 +287,7 @@ class LpNorm3d(_LpNorm):
 class SyncLpNorm(_LpNorm):
     """l_p normalization of (N, C, *) input of any rank >= 2, like torch.nn.SyncBatchNorm: what
     convert(to="l1"/"l2"/"linf") makes of one (process_group None: local statistics)."""
-    _expected = "at least 2D"
-
-    def _check_input_dim(self, input: Tensor):
-        if input.dim() < 2:
-            raise ValueError(f"{type(self).__name__}: expected {self._expected} input, got {input.dim()}D input")
+    _ranks, _expected = range(2, sys.maxsize), "at least 2D"
 
 
 # Layers of torch.nn.SyncBatchNorm's kind take input of any rank >= 2; the others fix 1d/2d/3d.
@@ -354,7 +338,7 @@ def _group_kept(module):
     """The group a layer of SyncBatchNorm's kind synchronizes over now: a bnext layer's own (None:
     local); torch's SyncBatchNorm takes None to mean the default group, if torch.distributed is
     initialized."""
-    if isinstance(module, _ProcessGroupMixin) or module.process_group is not None:
+    if isinstance(module, _NormLayerMixin) or module.process_group is not None:
         return module.process_group
     dist = torch.distributed
     return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
