@@ -1,5 +1,9 @@
 """Internal covariate shift, Definition 2.1: per layer, the gradient of its weight before and after
-the earlier layers took the update, on the same batch."""
+the earlier layers took the update, on the same batch.
+
+"The module docstring" of the functions here is bnext.landscape's: the loss conventions, what "the
+parameters" are, and how a measurement leaves no trace.
+"""
 import copy
 import math
 import warnings

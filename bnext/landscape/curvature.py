@@ -1,5 +1,9 @@
 """Curvature of the loss: the Hessian's top eigenvalue and its trace, from Hessian-vector products
-by double backward (through bnext's differentiable BatchNorm backward)."""
+by double backward (through bnext's differentiable BatchNorm backward).
+
+"The module docstring" of the functions here is bnext.landscape's: the loss conventions, what "the
+parameters" are, and how a measurement leaves no trace.
+"""
 import contextlib
 from typing import List, Optional
 

@@ -1,5 +1,9 @@
 """The landscape along a direction (Sec. 3.2, App. A.2.2): loss variation, gradient predictiveness
-and effective beta-smoothness at points x - eta_k d."""
+and effective beta-smoothness at points x - eta_k d.
+
+"The module docstring" of the functions here is bnext.landscape's: the loss conventions, what "the
+parameters" are, and how a measurement leaves no trace.
+"""
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence

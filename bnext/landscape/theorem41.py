@@ -1,5 +1,8 @@
 """Theorem 4.1, measured per BatchNorm channel at each recorded backward pass:
-||grad_y L||^2 = (gamma^2/sigma^2)(||g||^2 - <1,g>^2/m - <g,yhat>^2/m)."""
+||grad_y L||^2 = (gamma^2/sigma^2)(||g||^2 - <1,g>^2/m - <g,yhat>^2/m).
+
+"This module" in the docstrings here is bnext.landscape, whose measurements these hooks ignore.
+"""
 from dataclasses import dataclass
 from typing import Dict, Optional
 
