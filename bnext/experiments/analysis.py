@@ -49,6 +49,18 @@ def _quarter_acc(train: List[dict], steps: int, q: int) -> Optional[float]:
     return _mean(r.get("acc") for r in train if lo <= r["step"] < hi)
 
 
+def _thm41_by_layer(tables: Iterable[Optional[dict]]) -> Dict[str, Dict[str, list]]:
+    """Theorem 4.1's per-layer figures (gamma^2/sigma^2, removed fraction), each gathered into a list over
+    tables {layer: {figure: value}} of measurements or of runs."""
+    layers: Dict[str, Dict[str, list]] = {}
+    for table in tables:
+        for name, v in (table or {}).items():
+            d = layers.setdefault(name, {"gamma2_over_sigma2": [], "removed_fraction": []})
+            for k in d:
+                d[k].append(v.get(k))
+    return layers
+
+
 def summarize_run(records: List[dict], state: Dict[str, Any], steps: int) -> Dict[str, Any]:
     """Final figures (mean over the last 10% of the planned steps), medians of every measurement, and the
     per-measurement-point values the landscape rule needs (each point flagged "training" when the mean loss
@@ -123,12 +135,7 @@ def summarize_run(records: List[dict], state: Dict[str, Any], steps: int) -> Dic
     s["thm41_max_rel_err"] = max((t["max_rel_err"] for t in thm if _num(t.get("max_rel_err")) is not None),
                                  default=None)
     s["thm41_measurements"] = len(thm)
-    layers: Dict[str, Dict[str, list]] = {}
-    for t in thm:
-        for name, v in (t.get("per_layer") or {}).items():
-            d = layers.setdefault(name, {"gamma2_over_sigma2": [], "removed_fraction": []})
-            for k in d:
-                d[k].append(v.get(k))
+    layers = _thm41_by_layer(t.get("per_layer") for t in thm)
     s["thm41_layers"] = {n: {k: _median(v) for k, v in d.items()} for n, d in layers.items()}
     s["measurements"] = len(meas)
     s["missing_measurements"] = sorted({k for m in meas for k in m.get("missing", [])})
@@ -405,10 +412,16 @@ def claim2_plain_noise(g: Grid, lr: float) -> Claim:
     return Claim("2 (noise alone)", what, rule, measured, _combine([_sign(compare(a, b), 1)]))
 
 
-def claim3_vgg(g: Grid, lrs: Sequence[float]) -> Claim:
-    rule = ("at each ICS LR, BN's median ICS cosine (over conv layers #2.. and measurement points; layer #1 has "
-            "G' = G by definition) is not higher than the unnormalized network's by more than 0.05: margin = "
-            "none + 0.05 - BN must be > 0; " + GATE_RULE + "; " + NOISE_RULE)
+def ics_lrs(g: Grid, ref: float, extra: Sequence[float]) -> List[float]:
+    """The LRs of claim 3 and the ICS figure: the reference LR and the configured ICS LRs at which BN or the
+    unnormalized network ran, largest first."""
+    return sorted({lr for lr in [ref] + list(extra) if g.get("bn", lr) or g.get("none", lr)}, reverse=True)
+
+
+def _ics_per_lr(g: Grid, lrs: Sequence[float], judge) -> tuple:
+    """Claim 3's verdict parts and notes, one per ICS LR: judge(lr, bn, none) -> (part, text) on BN's and the
+    unnormalized network's ICS cosine Stats, the same gates for VGG and DLN (runs or measurements missing: no
+    part; an untrained baseline: inconclusive, its text kept)."""
     parts, notes = [], []
     for lr in lrs:
         bn, none = stat(g.get("bn", lr), "ics_cosine"), stat(g.get("none", lr), "ics_cosine")
@@ -416,19 +429,31 @@ def claim3_vgg(g: Grid, lrs: Sequence[float]) -> Claim:
             parts.append(None)
             notes.append(f"LR {lr:g}: runs or measurements missing")
             continue
-        margin, noise = none.mean + 0.05 - bn.mean, _noise(bn, none)
-        bl2, nl2 = stat(g.get("bn", lr), "ics_l2"), stat(g.get("none", lr), "ics_l2")
-        text = (f"LR {lr:g}: cosine BN {bn} vs none {none}, margin {margin:.3g} (noise {noise:.2g}); "
-                f"l2 BN {bl2} vs none {nl2}")
+        part, text = judge(lr, bn, none)
         why = _untrained(g.get("none", lr))
         if why is not None:
             parts.append(None)
             notes.append(text + f" (inconclusive: {why})")
             continue
-        parts.append(None if abs(margin) <= noise else margin > 0)
+        parts.append(part)
         notes.append(text)
     if not lrs:
         parts.append(None)
+    return parts, notes
+
+
+def claim3_vgg(g: Grid, lrs: Sequence[float]) -> Claim:
+    rule = ("at each ICS LR, BN's median ICS cosine (over conv layers #2.. and measurement points; layer #1 has "
+            "G' = G by definition) is not higher than the unnormalized network's by more than 0.05: margin = "
+            "none + 0.05 - BN must be > 0; " + GATE_RULE + "; " + NOISE_RULE)
+
+    def judge(lr, bn, none):
+        margin, noise = none.mean + 0.05 - bn.mean, _noise(bn, none)
+        bl2, nl2 = stat(g.get("bn", lr), "ics_l2"), stat(g.get("none", lr), "ics_l2")
+        text = (f"LR {lr:g}: cosine BN {bn} vs none {none}, margin {margin:.3g} (noise {noise:.2g}); "
+                f"l2 BN {bl2} vs none {nl2}")
+        return (None if abs(margin) <= noise else margin > 0), text
+    parts, notes = _ics_per_lr(g, lrs, judge)
     return Claim("3", "BN does not reduce internal covariate shift (VGG)", rule,
                  "; ".join(notes) + g.why_missing("bn", "none"), _combine(parts))
 
@@ -436,24 +461,12 @@ def claim3_vgg(g: Grid, lrs: Sequence[float]) -> Claim:
 def claim3_dln(g: Grid, lrs: Sequence[float]) -> Claim:
     rule = ("DLN, at each ICS LR: the unnormalized network's median ICS cosine (layers #2..) is above 0.9 and "
             "BN's is lower than that; " + GATE_RULE + "; " + NOISE_RULE)
-    parts, notes = [], []
-    for lr in lrs:
-        bn, none = stat(g.get("bn", lr), "ics_cosine"), stat(g.get("none", lr), "ics_cosine")
-        if not bn.values or not none.values:
-            parts.append(None)
-            notes.append(f"LR {lr:g}: runs or measurements missing")
-            continue
+
+    def judge(lr, bn, none):
         text = (f"LR {lr:g}: cosine none {none}, BN {bn}; final loss none {stat(g.get('none', lr), 'final_loss')}"
                 f", BN {stat(g.get('bn', lr), 'final_loss')}")
-        why = _untrained(g.get("none", lr))
-        if why is not None:
-            parts.append(None)
-            notes.append(text + f" (inconclusive: {why})")
-            continue
-        parts.append(False if none.mean <= 0.9 else _sign(compare(bn, none), -1))
-        notes.append(text)
-    if not lrs:
-        parts.append(None)
+        return (False if none.mean <= 0.9 else _sign(compare(bn, none), -1)), text
+    parts, notes = _ics_per_lr(g, lrs, judge)
     return Claim("3 (DLN)", "DLN: BN increases ICS yet reaches lower loss", rule,
                  "; ".join(notes) + g.why_missing("bn", "none"), _combine(parts))
 
@@ -564,12 +577,7 @@ def claim6(summaries: List[dict], tol: float = 1e-4) -> Claim:
             and s.get("measurements", 1) > 0 and not s["diverged"]]
     errs = [s["thm41_max_rel_err"] for s in runs]
     counted = sum(s.get("thm41_measurements", 0) for s in runs)
-    layers: Dict[str, Dict[str, list]] = {}
-    for s in runs:
-        for name, v in (s.get("thm41_layers") or {}).items():
-            d = layers.setdefault(name, {"gamma2_over_sigma2": [], "removed_fraction": []})
-            for k in d:
-                d[k].append(v.get(k))
+    layers = _thm41_by_layer(s.get("thm41_layers") for s in runs)
     per_layer = "; ".join(f"{name}: gamma^2/sigma^2 {_fmt(_median(d['gamma2_over_sigma2']))}, removed "
                           f"{_fmt(_median(d['removed_fraction']))}" for name, d in layers.items())
     extra = f"; per layer: {per_layer}" if per_layer else ""

@@ -17,9 +17,9 @@ import torch
 
 from . import analysis, figures
 from .common import RunSpec
-from .config import BaseConfig, option, parse_config
+from .config import BaseConfig, option
 from .models import NORMS, build_dln, named_points
-from .runner import Experiment, execute
+from .runner import command
 
 
 @dataclasses.dataclass
@@ -136,11 +136,11 @@ def _loss_note(cfg: DLNConfig) -> str:
 
 
 def make_report(ctx) -> tuple:
-    from .report import write_report
+    from .report import write_experiment_report
     cfg, out, grid, runs = ctx["cfg"], ctx["out"], ctx["grid"], ctx["records"]
     lrs = grid.lrs("main")
     ref = cfg.ref_lr if cfg.ref_lr in lrs or not lrs else lrs[-1]
-    ics_lrs = sorted({lr for lr in [ref] + list(cfg.ics_lrs) if grid.get("bn", lr) or grid.get("none", lr)}, reverse=True)
+    ics_lrs = analysis.ics_lrs(grid, ref, cfg.ics_lrs)
     claims = [analysis.claim1(grid, sorted(cfg.lrs)), analysis.claim3_dln(grid, ics_lrs),
               analysis.claim4(grid, ref, label="4 (DLN)"), analysis.claim6(ctx["summaries"])]
     claims[0].id, claims[0].claim = "1 (DLN)", "DLN: BN reaches a lower loss than the plain network"
@@ -166,22 +166,17 @@ def make_report(ctx) -> tuple:
     if cfg.curvature:
         add(figures.curvature(runs, cfg.norms, ref, out / "dln_curvature.png", "DLN: top Hessian eigenvalue"),
             "DLN: top Hessian eigenvalue")
-    text = write_report(out / "report.md", title="How does BatchNorm help optimization? Deep linear network",
-                        command=ctx["command"], env=ctx["env"], data_source=ctx["data_source"],
-                        settings={k: getattr(cfg, k) for k in ("preset", "depth", "dim", "points", "loss_reduction", "steps",
-                                                              "measure_every", "seeds")},
-                        claims=claims, summaries=ctx["summaries"], missing=ctx["missing"], failed=ctx["failed"],
-                        figures=figs, timing=ctx["timing"], columns=DLN_COLUMNS,
-                        notes=analysis.untrained_notes(ctx["summaries"]) + [_loss_note(cfg), f"Reference LR for claim 4: {ref:g}; ICS LRs: {', '.join(f'{v:g}' for v in ics_lrs)}.",
-                               "Line probes use step sizes " + ", ".join(f"{m:.3g}" for m in cfg.eta_multipliers())
-                               + " x LR, BN in train mode (full batch)."])
+    text = write_experiment_report(
+        ctx, title="How does BatchNorm help optimization? Deep linear network",
+        settings=("preset", "depth", "dim", "points", "loss_reduction", "steps", "measure_every", "seeds"),
+        claims=claims, figures=figs, columns=DLN_COLUMNS,
+        notes=[_loss_note(cfg), f"Reference LR for claim 4: {ref:g}; ICS LRs: {', '.join(f'{v:g}' for v in ics_lrs)}."],
+        probes="BN in train mode (full batch).")
     return claims, figs, text
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = parse_config(DLNConfig, PRESETS, argv, "python -m bnext.experiments.dln", __doc__.split("\n\n")[0])
-    return execute(Experiment("dln", cfg, DLNTask, specs, make_report, list(argv), DLN_COLUMNS))
+    return command("dln", DLNConfig, PRESETS, __doc__, argv, DLNTask, specs, make_report, columns=DLN_COLUMNS)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .analysis import Claim, Grid
+from .analysis import Claim, Grid, untrained_notes
 
 
 @dataclasses.dataclass
@@ -227,3 +227,18 @@ def write_report(path: Path, *, title: str, command: str, env: Dict[str, Any], d
     text = "\n".join(L)
     atomic_write_text(path, text)
     return text
+
+
+def write_experiment_report(ctx: ReportContext, *, title: str, settings: Sequence[str], claims: Sequence[Claim],
+                            figures: List[tuple], notes: List[str], probes: str, columns=RUN_COLUMNS) -> str:
+    """report.md in ctx.out for the experiment whose report context is ctx: settings names the config fields
+    to print; notes follow those on runs that did not train and precede the line on the line probes' step
+    sizes, which `probes` completes (how the probes ran)."""
+    cfg = ctx["cfg"]
+    steps = ", ".join(f"{m:.3g}" for m in cfg.eta_multipliers())
+    return write_report(ctx["out"] / "report.md", title=title, command=ctx["command"], env=ctx["env"],
+                        data_source=ctx["data_source"], settings={k: getattr(cfg, k) for k in settings},
+                        claims=claims, summaries=ctx["summaries"], missing=ctx["missing"], failed=ctx["failed"],
+                        figures=figures, timing=ctx["timing"], columns=columns,
+                        notes=untrained_notes(ctx["summaries"]) + notes
+                        + [f"Line probes use step sizes {steps} x LR, {probes}"])

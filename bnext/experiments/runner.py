@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from . import analysis, common, train
 from .common import Dist, RunSpec
+from .config import parse_config
 from .report import ReportContext
 
 # Options that may change between invocations on the same --out: they select runs or the machine, not
@@ -123,6 +124,15 @@ def _check_config(out: Path, cfg_dict: Dict[str, Any]) -> None:
     if diff:
         raise SystemExit(f"{out} holds runs made with a different configuration (differs in: {', '.join(diff)}). "
                          "Use another --out, or delete that directory to start over.")
+
+
+def command(name: str, cls, presets, doc: str, argv: Optional[List[str]], make_task: Callable, specs: Callable,
+            report: Callable, **extra) -> int:
+    """``python -m bnext.experiments.<name>``: argv (sys.argv[1:] when None) -> config of class cls (the
+    description: doc's first paragraph) -> execute(Experiment(...)); extra: Experiment's optional fields."""
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_config(cls, presets, argv, f"python -m bnext.experiments.{name}", doc.split("\n\n")[0])
+    return execute(Experiment(name, cfg, make_task, specs, report, list(argv), **extra))
 
 
 def execute(exp: Experiment) -> int:

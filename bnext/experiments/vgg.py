@@ -12,7 +12,6 @@ Then writes the paper's figures and report.md with the claims table. See PROTOCO
 """
 import dataclasses
 import sys
-from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
@@ -20,9 +19,9 @@ import torch.nn.functional as F
 
 from . import analysis, figures
 from .common import RunSpec
-from .config import BaseConfig, option, parse_config
+from .config import BaseConfig, option
 from .models import NORMS, PLAIN_NOISE, VGG_BLOCKS, VGG_NORMS, build_vgg, named_points, paper_layer, vgg_layer_names
-from .runner import Experiment, execute
+from .runner import command
 
 ALL_NORMS = list(NORMS)
 PAPER_HIST_LAYERS = (2, 3, 9, 11, 13)  # the paper's VGG-16 layers in Fig 1 (c) (#3, #11) and Fig 2 (#2, #9, #13)
@@ -201,10 +200,10 @@ def _layers_note(cfg: VGGConfig) -> str:
 
 
 def make_report(ctx) -> tuple:
-    from .report import write_report
+    from .report import write_experiment_report
     cfg, out, grid, runs = ctx["cfg"], ctx["out"], ctx["grid"], ctx["records"]
     ref = _ref_lr(cfg, grid)
-    ics_lrs = sorted({lr for lr in [ref] + list(cfg.ics_lrs) if grid.get("bn", lr) or grid.get("none", lr)}, reverse=True)
+    ics_lrs = analysis.ics_lrs(grid, ref, cfg.ics_lrs)
     claims = [analysis.claim1(grid, sorted(cfg.lrs)), analysis.claim2(grid, ref), analysis.claim2_plain_noise(grid, ref),
               analysis.claim3_vgg(grid, ics_lrs),
               analysis.claim4(grid, ref), analysis.claim5(grid, ref), analysis.claim6(ctx["summaries"])]
@@ -248,22 +247,19 @@ def make_report(ctx) -> tuple:
     if cfg.curvature:
         add(figures.curvature(runs, main, ref, out / "fig_curvature.png", "Top Hessian eigenvalue over training"),
             "Curvature: top Hessian eigenvalue")
-    text = write_report(out / "report.md", title="How does BatchNorm help optimization? VGG reproduction",
-                        command=ctx["command"], env=ctx["env"], data_source=ctx["data_source"],
-                        settings={k: getattr(cfg, k) for k in ("preset", "arch", "width", "steps", "batch_size", "train_size",
-                                                              "test_size", "measure_every", "eval_every", "seeds")},
-                        claims=claims, summaries=ctx["summaries"], missing=ctx["missing"], failed=ctx["failed"],
-                        figures=figs, timing=ctx["timing"],
-                        notes=analysis.untrained_notes(ctx["summaries"]) + [_seeds_note(cfg), _layers_note(cfg), f"Reference LR for claims 2, 4, 5: {ref:g}; ICS LRs: {', '.join(f'{v:g}' for v in ics_lrs)}.",
-                               "Line probes use step sizes " + ", ".join(f"{m:.3g}" for m in cfg.eta_multipliers())
-                               + " x LR, BN in train mode; activation statistics are the normalization layers' outputs."])
+    text = write_experiment_report(
+        ctx, title="How does BatchNorm help optimization? VGG reproduction",
+        settings=("preset", "arch", "width", "steps", "batch_size", "train_size", "test_size", "measure_every",
+                  "eval_every", "seeds"),
+        claims=claims, figures=figs,
+        notes=[_seeds_note(cfg), _layers_note(cfg),
+               f"Reference LR for claims 2, 4, 5: {ref:g}; ICS LRs: {', '.join(f'{v:g}' for v in ics_lrs)}."],
+        probes="BN in train mode; activation statistics are the normalization layers' outputs.")
     return claims, figs, text
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = parse_config(VGGConfig, PRESETS, argv, "python -m bnext.experiments.vgg", __doc__.split("\n\n")[0])
-    return execute(Experiment("vgg", cfg, VGGTask, specs, make_report, list(argv), check=check_data))
+    return command("vgg", VGGConfig, PRESETS, __doc__, argv, VGGTask, specs, make_report, check=check_data)
 
 
 if __name__ == "__main__":
