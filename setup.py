@@ -78,7 +78,7 @@ def extensions():
     build_cuda, reason = decide_cuda()
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # Baseline ISA only (never -march=native): the CPU kernels add AVX2 / AVX-512 code paths of their
-    # own, chosen at run time (csrc/cpu/normalization.cpp). No FMA contraction, so that every path
+    # own, chosen at run time (csrc/cpu/isa.h). No FMA contraction, so that every path
     # rounds the same way and results do not depend on the machine.
     # -Wno-psabi: the AVX helpers of csrc/cpu/noise_vec.h take and return vectors by value; they are
     # always inlined into their target-attributed entry points, so the ABI notes GCC prints are moot.

@@ -86,36 +86,26 @@ TORCH_LIBRARY(bnext, m) {
         "bool forward) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(bnext, CPU, m) {
-  m.impl("batch_norm_forward", &bnext::batch_norm_forward_cpu);
-  m.impl("batch_norm_backward", &bnext::batch_norm_backward_cpu);
-  m.impl("noisy_batch_norm_forward", &bnext::noisy_batch_norm_forward_cpu);
-  m.impl("noisy_batch_norm_backward", &bnext::noisy_batch_norm_backward_cpu);
-  m.impl("lp_norm_forward", &bnext::lp_norm_forward_cpu);
-  m.impl("lp_norm_backward", &bnext::lp_norm_backward_cpu);
-  m.impl("grad_stats", &bnext::grad_stats_cpu);
-  m.impl("multi_axpy", &bnext::multi_axpy_cpu);
-  m.impl("batch_norm_stats", &bnext::batch_norm_stats_cpu);
-  m.impl("lp_norm_stats", &bnext::lp_norm_stats_cpu);
-  m.impl("sync_backward_elementwise", &bnext::sync_backward_elementwise_cpu);
-  m.impl("noise_apply", &bnext::noise_apply_cpu);
+// The same kernels table for every backend: Op<Backend>::f (csrc/ops.h).
+template <class Backend>
+void register_backend(torch::Library& m) {
+  m.impl("batch_norm_forward", &bnext::BatchNorm<Backend>::forward);
+  m.impl("batch_norm_backward", &bnext::BatchNorm<Backend>::backward);
+  m.impl("noisy_batch_norm_forward", &bnext::NoisyBatchNorm<Backend>::forward);
+  m.impl("noisy_batch_norm_backward", &bnext::NoisyBatchNorm<Backend>::backward);
+  m.impl("lp_norm_forward", &bnext::LpNorm<Backend>::forward);
+  m.impl("lp_norm_backward", &bnext::LpNorm<Backend>::backward);
+  m.impl("grad_stats", &bnext::GradStats<Backend>::grad_stats);
+  m.impl("multi_axpy", &bnext::GradStats<Backend>::multi_axpy);
+  m.impl("batch_norm_stats", &bnext::Sync<Backend>::batch_norm_stats);
+  m.impl("lp_norm_stats", &bnext::Sync<Backend>::lp_norm_stats);
+  m.impl("sync_backward_elementwise", &bnext::Sync<Backend>::sync_backward_elementwise);
+  m.impl("noise_apply", &bnext::Sync<Backend>::noise_apply);
   m.impl("update_running_stats", &bnext::update_running_stats);
 }
 
+TORCH_LIBRARY_IMPL(bnext, CPU, m) { register_backend<bnext::Cpu>(m); }
+
 #ifdef BNEXT_WITH_CUDA
-TORCH_LIBRARY_IMPL(bnext, CUDA, m) {
-  m.impl("batch_norm_forward", &bnext::batch_norm_forward_cuda);
-  m.impl("batch_norm_backward", &bnext::batch_norm_backward_cuda);
-  m.impl("noisy_batch_norm_forward", &bnext::noisy_batch_norm_forward_cuda);
-  m.impl("noisy_batch_norm_backward", &bnext::noisy_batch_norm_backward_cuda);
-  m.impl("lp_norm_forward", &bnext::lp_norm_forward_cuda);
-  m.impl("lp_norm_backward", &bnext::lp_norm_backward_cuda);
-  m.impl("grad_stats", &bnext::grad_stats_cuda);
-  m.impl("multi_axpy", &bnext::multi_axpy_cuda);
-  m.impl("batch_norm_stats", &bnext::batch_norm_stats_cuda);
-  m.impl("lp_norm_stats", &bnext::lp_norm_stats_cuda);
-  m.impl("sync_backward_elementwise", &bnext::sync_backward_elementwise_cuda);
-  m.impl("noise_apply", &bnext::noise_apply_cuda);
-  m.impl("update_running_stats", &bnext::update_running_stats);
-}
+TORCH_LIBRARY_IMPL(bnext, CUDA, m) { register_backend<bnext::Cuda>(m); }
 #endif

@@ -88,7 +88,7 @@ def test_parity_with_torch(shape, layout, dtype, training, affine, running, relu
 
 
 # Planar outputs of >= 16 MiB are written through a cached tile with non-temporal stores
-# (csrc/cpu/normalization.cpp, kStreamingStoreBytes); odd sizes exercise the tile and vector tails.
+# (csrc/cpu/passes.h, kStreamingStoreBytes); odd sizes exercise the tile and vector tails.
 @pytest.mark.parametrize("shape,dtype", [((64, 64, 32, 32), torch.float32), ((33, 61, 45, 47), torch.float32),
                                          ((17, 31, 67, 65), torch.float64)])
 @pytest.mark.parametrize("training,relu", [(True, True), (True, False), (False, True)])
@@ -114,7 +114,7 @@ def test_parity_on_outputs_large_enough_for_streaming_stores(shape, dtype, train
 
 
 # Planar inputs with runs of S <= 64 values are reduced as rows of C * S columns in chunks of rows
-# (csrc/cpu/normalization.cpp, short_runs): several chunks, an uneven last one, a 3-d volume, the
+# (csrc/cpu/reduce.h, short_runs): several chunks, an uneven last one, a 3-d volume, the
 # S = 32 / 33 boundary, S = 64, odd column counts for the vector tails.
 @pytest.mark.parametrize("shape", [(256, 64, 4, 4), (301, 40, 2, 2), (64, 8, 3, 3, 3), (130, 9, 4, 8), (50, 3, 33),
                                    (130, 9, 8, 8), (97, 7, 5)])

@@ -347,7 +347,7 @@ def oracle_lp_norm(x, p, w, b, eps=1e-5):
     return y.reshape(C, x.shape[0], *x.shape[2:]).movedim(0, 1)
 
 
-# Short planar runs (S <= 32) run as rows of C * S columns (short_runs in csrc/cpu/normalization.cpp):
+# Short planar runs (S <= 32) run as rows of C * S columns (short_runs in csrc/cpu/reduce.h):
 # the per-column statistics are folded per channel, and the p = inf arg-max must still be the first
 # in logical order across columns, rows and row chunks. Several chunks, an uneven last one, S = 1,
 # odd S, 3-d, and the S = 32 / 33 boundary.

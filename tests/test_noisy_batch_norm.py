@@ -323,7 +323,7 @@ def test_direct_op_call_gives_python_error_not_crash():
         ops.noisy_batch_norm_forward(torch.randn(4, 3), None, None, 1e-5, torch.tensor(1), PAPER, 2)
 
 
-# Short planar runs (S <= 32) run as rows of C * S columns (csrc/cpu/normalization.cpp, short_runs):
+# Short planar runs (S <= 32) run as rows of C * S columns (csrc/cpu/reduce.h, short_runs):
 # a row's noise comes in blocks of P * S consecutive indices (P = noise_channels). Cases: several
 # row chunks, an uneven last one, rows wider than one 2048-value tile (drawn in pieces), a period
 # shorter than C (the vmap fold), S = 1, odd S, 3-d.

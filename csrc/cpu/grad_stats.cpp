@@ -1,4 +1,5 @@
-// Multi-tensor ops over lists of tensors, CPU: grad_stats and multi_axpy.
+// Multi-tensor ops over lists of tensors, CPU kernels: grad_stats and multi_axpy. The entry points
+// (checks, dense copies, outputs) are csrc/entry.h's GradStats<Cpu>.
 //
 // grad_stats(a, b) -> (len(a), 4) fp64, row i = [ ||a_i||^2, ||b_i||^2, ||a_i - b_i||^2, <a_i, b_i> ]
 // multi_axpy(x, d, etas) -> list, out_i has shape (K, *x_i.shape), out_i[k] = x_i - etas[k] * d_i
@@ -25,25 +26,14 @@
 #include <vector>
 
 #include "../common/grad_stats_math.h"
+#include "../entry.h"
 #include "../multi_tensor.h"
-#include "../ops.h"
 #include "isa.h"
 
 namespace bnext {
 namespace {
 
 constexpr int64_t kLanes = 16;
-
-// Calls f(scalar_t{}) for the four supported dtypes (direct calls, so isa.h's flatten reaches them).
-template <typename F>
-inline void with_scalar_type(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kDouble: f(double{}); break;
-    case at::kHalf: f(at::Half{}); break;
-    default: f(at::BFloat16{}); break;
-  }
-}
 
 // The four sums of a[0..len) and b[0..len), in fp64, added into out[0..4).
 template <typename scalar_t>
@@ -76,59 +66,50 @@ void chunk_axpy(const scalar_t* x, const scalar_t* d, scalar_t* out, int64_t num
 
 }  // namespace
 
-Tensor grad_stats_cpu(at::TensorList a, at::TensorList b) {
-  check_tensor_pairs("bnext.grad_stats", "a", a, "b", b);
-  const int64_t n = static_cast<int64_t>(a.size());
-  Tensor out = at::zeros({n, 4}, at::TensorOptions().dtype(at::kDouble));
-  if (n == 0) return out;
-  const auto da = dense(a), db = dense(b);
-  const auto chunks = chunk_list(da);
-  const int64_t nchunks = static_cast<int64_t>(chunks.size());
-  std::vector<double> partial(4 * nchunks, 0.0);
-  isa::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const Chunk& ch = chunks[c];
-      const Tensor& ta = da[ch.index];
-      const Tensor& tb = db[ch.index];
-      with_scalar_type(ta.scalar_type(), [&](auto tag) {
-        using scalar_t = decltype(tag);
-        chunk_pair_sums(ta.const_data_ptr<scalar_t>() + ch.begin, tb.const_data_ptr<scalar_t>() + ch.begin,
-                        ch.end - ch.begin, &partial[4 * c]);
-      });
-    }
-  });
-  double* o = out.mutable_data_ptr<double>();
-  for (int64_t c = 0; c < nchunks; ++c)
-    for (int64_t j = 0; j < 4; ++j) o[4 * chunks[c].index + j] += partial[4 * c + j];
-  return out;
-}
-
-std::vector<Tensor> multi_axpy_cpu(at::TensorList x, at::TensorList d, at::ArrayRef<double> etas) {
-  check_tensor_pairs("bnext.multi_axpy", "x", x, "d", d);
-  const int64_t n = static_cast<int64_t>(x.size());
-  const int64_t K = static_cast<int64_t>(etas.size());
-  const std::vector<double> eta_vec(etas.begin(), etas.end());
-  const auto dx = dense(x), dd = dense(d);
-  std::vector<Tensor> out(n);
-  for (int64_t i = 0; i < n; ++i) {
-    std::vector<int64_t> shape{K};
-    shape.insert(shape.end(), x[i].sizes().begin(), x[i].sizes().end());
-    out[i] = at::empty(shape, dx[i].options().memory_format(at::MemoryFormat::Contiguous));
+template <>
+struct GradStatsKernels<Cpu> {
+  static Tensor grad_stats(const std::vector<Tensor>& da, const std::vector<Tensor>& db) {
+    const int64_t n = static_cast<int64_t>(da.size());
+    Tensor out = at::zeros({n, 4}, at::TensorOptions().dtype(at::kDouble));
+    const auto chunks = chunk_list(da);
+    const int64_t nchunks = static_cast<int64_t>(chunks.size());
+    std::vector<double> partial(4 * nchunks, 0.0);
+    isa::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const Chunk& ch = chunks[c];
+        const Tensor& ta = da[ch.index];
+        const Tensor& tb = db[ch.index];
+        dispatch_floating(ta.scalar_type(), [&](auto tag) {
+          using scalar_t = decltype(tag);
+          chunk_pair_sums(ta.const_data_ptr<scalar_t>() + ch.begin, tb.const_data_ptr<scalar_t>() + ch.begin,
+                          ch.end - ch.begin, &partial[4 * c]);
+        });
+      }
+    });
+    double* o = out.mutable_data_ptr<double>();
+    for (int64_t c = 0; c < nchunks; ++c)
+      for (int64_t j = 0; j < 4; ++j) o[4 * chunks[c].index + j] += partial[4 * c + j];
+    return out;
   }
-  if (K == 0) return out;
-  const auto chunks = chunk_list(dx);
-  isa::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const Chunk& ch = chunks[c];
-      const int64_t i = ch.index;
-      with_scalar_type(dx[i].scalar_type(), [&](auto tag) {
-        using scalar_t = decltype(tag);
-        chunk_axpy(dx[i].const_data_ptr<scalar_t>(), dd[i].const_data_ptr<scalar_t>(),
-                   out[i].mutable_data_ptr<scalar_t>(), dx[i].numel(), ch.begin, ch.end, eta_vec);
-      });
-    }
-  });
-  return out;
-}
+
+  static void multi_axpy(const std::vector<Tensor>& dx, const std::vector<Tensor>& dd, std::vector<Tensor>& out,
+                         at::ArrayRef<double> etas) {
+    const std::vector<double> eta_vec(etas.begin(), etas.end());
+    const auto chunks = chunk_list(dx);
+    isa::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const Chunk& ch = chunks[c];
+        const int64_t i = ch.index;
+        dispatch_floating(dx[i].scalar_type(), [&](auto tag) {
+          using scalar_t = decltype(tag);
+          chunk_axpy(dx[i].const_data_ptr<scalar_t>(), dd[i].const_data_ptr<scalar_t>(),
+                     out[i].mutable_data_ptr<scalar_t>(), dx[i].numel(), ch.begin, ch.end, eta_vec);
+        });
+      }
+    });
+  }
+};
+
+template struct GradStats<Cpu>;
 
 }  // namespace bnext

@@ -1,5 +1,5 @@
 #pragma once
-// Instruction-set dispatch for CPU kernels (the mechanism of csrc/cpu/normalization.cpp, shared).
+// Instruction-set dispatch for the CPU kernels (every csrc/cpu/*.cpp runs its parallel loops through it).
 //
 // The extension is compiled for the baseline x86-64 ISA (SSE2) so that it loads on any x86-64 CPU.
 // A parallel loop body is compiled two more times, for AVX2+FMA and for AVX-512, by calling it

@@ -1,60 +1,44 @@
-// BatchNorm (+ fused ReLU), CUDA entry points. The passes and kernels: csrc/cuda/normalization.cuh.
-#include "normalization.cuh"
+// BatchNorm (+ fused ReLU), CUDA kernels:
+//   forward:  training: BatchNormStatsPolicy reduced and merged into (mean, var) (csrc/cuda/reduce.cuh);
+//             then the per-channel scale and one elementwise pass with AffineEpilogue (elementwise.cuh);
+//   backward: batch_norm_backward_passes (csrc/cuda/passes.cuh).
+// Same semantics as csrc/cpu/batch_norm.cpp. The entry points (checks, layout, outputs, dispatch)
+// are csrc/entry.h's BatchNorm<Cuda>.
+#include "../entry.h"
+#include "passes.cuh"
 
 namespace bnext {
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cuda(
-    const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
-    bool training, double eps, bool relu) {
-  check_cuda_input(input, "batch_norm");
-  check_forward_args("batch_norm", input, weight, bias, running_mean, running_var, "running_var", eps);
-  const c10::cuda::CUDAGuard guard(input.device());
-  Geometry g;
-  const Tensor x = to_kernel_layout(input, &g);
-  const auto acc = acc_dtype(input.scalar_type());
-  const auto dev = input.device();
-  Tensor y = empty_in_layout(x, g);
-  // An empty training batch gives an empty output and NaN statistics, as on the CPU and in torch.
-  Tensor mean, var;
-  std::tie(mean, var) = forward_statistics(input, g.C, training, running_mean, running_var,
-                                           "bnext.batch_norm: running_mean and running_var");
-  if (g.numel() == 0) return {y, mean, var};
-  const Tensor w = channel_vector(weight, g.C, acc, dev, 1.0);
-  const Tensor b = channel_vector(bias, g.C, acc, dev, 0.0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnext_batch_norm_forward_cuda", [&] {
-    with_bool(relu, [&](auto RELU) {
-      forward_impl<scalar_t, decltype(RELU)::value>(x, y, g, training, eps, w, b, mean, var);
-    });
-  });
-  return {y, mean, var};
-}
+template <>
+struct BatchNormKernels<Cuda> {
+  template <typename scalar_t, bool RELU>
+  static void forward(ForwardCall& f, bool training, double eps) {
+    using acc_t = at::opmath_type<scalar_t>;
+    using dev_t = typename DeviceScalar<scalar_t>::type;
+    const Geometry& g = f.g;
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const int sms = sm_count(f.x.device());
+    const dev_t* xp = device_ptr<scalar_t>(f.x);
+    if (training) {
+      reduce_and_merge(BatchNormStatsPolicy<dev_t, acc_t>{xp}, g, f.x, sms,
+                       BatchNormStatsFinish<acc_t>{f.mean.mutable_data_ptr<acc_t>(), f.second.mutable_data_ptr<acc_t>()},
+                       stream);
+    }
+    at::Tensor scale = at::empty({g.C}, f.mean.options());
+    launch_channel_scale<acc_t, ScaleOf::kVariance>(f.second, f.w, eps, nullptr, scale, stream);
+    launch_elementwise(AffineEpilogue<dev_t, acc_t, RELU>{xp, device_ptr_mut<scalar_t>(f.y),
+                                                          f.mean.const_data_ptr<acc_t>(),
+                                                          scale.const_data_ptr<acc_t>(), f.b.const_data_ptr<acc_t>()},
+                       g, sms, stream);
+  }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
-    const Tensor& grad_out, const Tensor& input, const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, bool training,
-    double eps, bool relu) {
-  check_cuda_input(input, "batch_norm");
-  check_backward_args("batch_norm", grad_out, input, weight, bias, mean, var, "var", eps);
-  const c10::cuda::CUDAGuard guard(input.device());
-  Geometry g;
-  const Tensor x = to_kernel_layout(input, &g);
-  const Tensor dy = match_layout(grad_out, g);
-  const auto acc = acc_dtype(input.scalar_type());
-  const auto dev = input.device();
-  BackwardOutputs out = backward_outputs(x, g);
-  if (g.numel() == 0) return out.tuple();
-  const Tensor w = channel_vector(weight, g.C, acc, dev, 1.0);
-  const Tensor b = channel_vector(bias, g.C, acc, dev, 0.0);
-  const Tensor m = mean.to(acc).contiguous();
-  const Tensor v = var.to(acc).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnext_batch_norm_backward_cuda", [&] {
-    with_bool(relu, [&](auto RELU) {
-      backward_impl<scalar_t, decltype(RELU)::value>(dy, x, out.dx, g, training, eps, w, b, m, v, out.sum_dy,
-                                                     out.sum_dy_xhat);
-    });
-  });
-  return out.tuple();
-}
+  template <typename scalar_t, bool RELU>
+  static void backward(BackwardCall& c, bool training, double eps) {
+    batch_norm_backward_passes<scalar_t, RELU>(c.dy, c.x, c.out.dx, c.g, training, eps, c.w, c.b, c.mean, c.second,
+                                               c.out.sum_dy, c.out.sum_dy_xhat);
+  }
+};
+
+template struct BatchNorm<Cuda>;
 
 }  // namespace bnext

@@ -1,5 +1,6 @@
-// Multi-tensor ops over lists of tensors, CUDA: grad_stats and multi_axpy. Same semantics as
-// csrc/cpu/grad_stats.cpp; per-element formulas in csrc/common/grad_stats_math.h.
+// Multi-tensor ops over lists of tensors, CUDA kernels: grad_stats and multi_axpy. Same semantics as
+// csrc/cpu/grad_stats.cpp; per-element formulas in csrc/common/grad_stats_math.h. The entry points
+// (checks, dense copies, outputs) are csrc/entry.h's GradStats<Cuda>.
 //
 // Multi-tensor-apply style: every tensor is cut into chunks of kMultiTensorChunk elements
 // (csrc/multi_tensor.h), one block per chunk. One launch covers the chunks of up to kMaxTensors
@@ -37,8 +38,8 @@
 #include <vector>
 
 #include "../common/grad_stats_math.h"
+#include "../entry.h"
 #include "../multi_tensor.h"
-#include "../ops.h"
 
 namespace bnext {
 namespace {
@@ -238,60 +239,48 @@ std::vector<LaunchGroup> launch_groups(const std::vector<at::Tensor>& a, const s
 
 }  // namespace
 
-Tensor grad_stats_cuda(at::TensorList a, at::TensorList b) {
-  const at::Device device = check_tensor_pairs("bnext.grad_stats", "a", a, "b", b);
-  const int64_t n = static_cast<int64_t>(a.size());
-  TORCH_CHECK_VALUE(device.is_cuda(), "bnext.grad_stats: expected CUDA tensors, got ", device);
-  if (n == 0) return at::zeros({0, 4}, at::TensorOptions().dtype(at::kDouble).device(device));
-  const c10::cuda::CUDAGuard guard(device);
-  const auto da = dense(a), db = dense(b);
-  const std::vector<LaunchGroup> groups = launch_groups(da, db, nullptr);
-  int64_t nchunks = 0;
-  for (const auto& g : groups) nchunks += g.chunks;
-  const auto f64 = at::TensorOptions().dtype(at::kDouble).device(device);
-  at::Tensor partial = at::empty({std::max<int64_t>(nchunks, 1), 4}, f64);
-  at::Tensor out = at::empty({n, 4}, f64);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for (const auto& g : groups) {
-    double* part = partial.mutable_data_ptr<double>() + 4 * g.chunk_base;
-    if (g.chunks > 0) {
-      grad_stats_chunk_kernel<<<static_cast<unsigned>(g.chunks), kThreads, 0, stream>>>(g.meta, part);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    grad_stats_finalize_kernel<<<static_cast<unsigned>(g.meta.count), kThreads, 0, stream>>>(
-        g.meta, part, out.mutable_data_ptr<double>() + 4 * g.begin);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  return out;
-}
-
-std::vector<Tensor> multi_axpy_cuda(at::TensorList x, at::TensorList d, at::ArrayRef<double> etas) {
-  const at::Device device = check_tensor_pairs("bnext.multi_axpy", "x", x, "d", d);
-  const int64_t n = static_cast<int64_t>(x.size());
-  const int64_t K = static_cast<int64_t>(etas.size());
-  TORCH_CHECK_VALUE(device.is_cuda(), "bnext.multi_axpy: expected CUDA tensors, got ", device);
-  const c10::cuda::CUDAGuard guard(device);
-  const auto dx = dense(x), dd = dense(d);
-  std::vector<Tensor> out(n);
-  for (int64_t i = 0; i < n; ++i) {
-    std::vector<int64_t> shape{K};
-    shape.insert(shape.end(), x[i].sizes().begin(), x[i].sizes().end());
-    out[i] = at::empty(shape, dx[i].options().memory_format(at::MemoryFormat::Contiguous));
-  }
-  if (K == 0 || n == 0) return out;
-  const std::vector<LaunchGroup> groups = launch_groups(dx, dd, &out);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for (int64_t k0 = 0; k0 < K; k0 += kMaxEtas) {
-    const int64_t kn = std::min<int64_t>(kMaxEtas, K - k0);
-    Etas e{};
-    for (int64_t k = 0; k < kn; ++k) e.v[k] = etas[k0 + k];
+template <>
+struct GradStatsKernels<Cuda> {
+  static Tensor grad_stats(const std::vector<Tensor>& da, const std::vector<Tensor>& db) {
+    const int64_t n = static_cast<int64_t>(da.size());
+    const std::vector<LaunchGroup> groups = launch_groups(da, db, nullptr);
+    int64_t nchunks = 0;
+    for (const auto& g : groups) nchunks += g.chunks;
+    const auto f64 = at::TensorOptions().dtype(at::kDouble).device(da[0].device());
+    at::Tensor partial = at::empty({std::max<int64_t>(nchunks, 1), 4}, f64);
+    at::Tensor out = at::empty({n, 4}, f64);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     for (const auto& g : groups) {
-      if (g.chunks == 0) continue;
-      multi_axpy_kernel<<<static_cast<unsigned>(g.chunks), kThreads, 0, stream>>>(g.meta, e, k0, kn);
+      double* part = partial.mutable_data_ptr<double>() + 4 * g.chunk_base;
+      if (g.chunks > 0) {
+        grad_stats_chunk_kernel<<<static_cast<unsigned>(g.chunks), kThreads, 0, stream>>>(g.meta, part);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      grad_stats_finalize_kernel<<<static_cast<unsigned>(g.meta.count), kThreads, 0, stream>>>(
+          g.meta, part, out.mutable_data_ptr<double>() + 4 * g.begin);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
+    return out;
   }
-  return out;
-}
+
+  static void multi_axpy(const std::vector<Tensor>& dx, const std::vector<Tensor>& dd, std::vector<Tensor>& out,
+                         at::ArrayRef<double> etas) {
+    const int64_t K = static_cast<int64_t>(etas.size());
+    const std::vector<LaunchGroup> groups = launch_groups(dx, dd, &out);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    for (int64_t k0 = 0; k0 < K; k0 += kMaxEtas) {
+      const int64_t kn = std::min<int64_t>(kMaxEtas, K - k0);
+      Etas e{};
+      for (int64_t k = 0; k < kn; ++k) e.v[k] = etas[k0 + k];
+      for (const auto& g : groups) {
+        if (g.chunks == 0) continue;
+        multi_axpy_kernel<<<static_cast<unsigned>(g.chunks), kThreads, 0, stream>>>(g.meta, e, k0, kn);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+  }
+};
+
+template struct GradStats<Cuda>;
 
 }  // namespace bnext

@@ -1,44 +1,35 @@
-// Elementwise passes of synchronized (cross-process) normalization, CPU. The statistics and the
-// local gradient sums come from the existing kernels (batch_norm_stats, batch_norm_backward and
-// lp_norm_backward in eval mode); bnext/distributed.py all-reduces them, and these two passes
-// finish the job:
+// Synchronized normalization (bnext/distributed.py merges across ranks what these compute per rank),
+// CPU kernels:
+//   batch_norm_stats:          the training forward's BatchNorm statistics (channel_stats), as fp64
+//                              (mean, m2), m2 = sum (x - mean)^2;
+//   lp_norm_stats:             l_p's statistics as fp64 (sum x, sum |x|^p or max |x|) and the first
+//                              arg-max position (p = inf);
 //   sync_backward_elementwise: dx = dx_eval - a_c - b_c * dir(x - center_c)  (csrc/common/sync_math.h)
 //   noise_apply:               y = s * x + m (forward) or x * s (backward) with noisy BatchNorm's
 //                              Philox noise at global sample offset n0 (csrc/common/noise.h)
-// Both are pure elementwise maps over the input's layout (planar runs or interleaved rows,
-// csrc/layout.h), parallel over fixed chunks: results do not depend on the thread count.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-
-#include <algorithm>
-#include <vector>
-
+// The two elementwise maps run over the input's layout (planar runs or interleaved rows) in the
+// chunks of the other passes (csrc/cpu/reduce.h): results do not depend on the thread count. The
+// entry points (checks, layout, outputs, dispatch) are csrc/entry.h's Sync<Cpu>.
 #include "../common/noise.h"
 #include "../common/sync_math.h"
-#include "../layout.h"
-#include "../ops.h"
-#include "isa.h"
+#include "../entry.h"
 #include "noise_vec.h"
+#include "reduce.h"
 
 namespace bnext {
 namespace {
-
-constexpr int64_t kChunkElems = 1 << 15;  // values per parallel task
 
 // Calls body(offset, len, c) for the contiguous pieces of one channel (planar: a run of S values,
 // interleaved: body_rows(row0, rows) over whole rows), in parallel over fixed chunks.
 template <typename Planar, typename Rows>
 void for_each_piece(const Geometry& g, const Planar& planar, const Rows& rows) {
   if (!g.interleaved) {
-    const int64_t grain = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(g.S, 1));
-    isa::parallel_for(0, g.N * g.C, grain, [&](int64_t r0, int64_t r1) {
+    isa::parallel_for(0, g.N * g.C, runs_per_chunk(g), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) planar(r / g.C, r % g.C);
     });
     return;
   }
-  const int64_t grain = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(g.C, 1));
-  isa::parallel_for(0, g.rows(), grain, [&](int64_t m0, int64_t m1) { rows(m0, m1); });
+  isa::parallel_for(0, g.rows(), rows_per_chunk(g.C), [&](int64_t m0, int64_t m1) { rows(m0, m1); });
 }
 
 template <typename scalar_t>
@@ -117,55 +108,52 @@ void noise_apply_kernel(const scalar_t* in, scalar_t* out, const Geometry& g, co
       });
 }
 
-at::Tensor channel_acc(const Tensor& t, const char* name, const Tensor& input) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == input.size(1), "bnext.sync_backward_elementwise: ", name,
-              " must be a 1-D tensor with one value per channel (", input.size(1), "), got shape ", t.sizes());
-  TORCH_CHECK(t.device() == input.device(), "bnext.sync_backward_elementwise: ", name, " is on ", t.device(),
-              " but input is on ", input.device());
-  return t.to(acc_dtype(input.scalar_type())).contiguous();
-}
-
 }  // namespace
 
-Tensor sync_backward_elementwise_cpu(const Tensor& grad_eval, const Tensor& input, const Tensor& center,
-                                     const Tensor& a, const Tensor& b, bool sign) {
-  check_input(input);
-  TORCH_CHECK(grad_eval.sizes() == input.sizes() && grad_eval.scalar_type() == input.scalar_type(),
-              "bnext.sync_backward_elementwise: grad_eval must match input in shape and dtype, got ",
-              grad_eval.sizes(), " ", grad_eval.scalar_type(), " vs ", input.sizes(), " ", input.scalar_type());
-  const Tensor cc = channel_acc(center, "center", input), ac = channel_acc(a, "a", input),
-               bc = channel_acc(b, "b", input);
-  Geometry g;
-  const Tensor x = to_kernel_layout(input, &g);
-  const Tensor ge = match_layout(grad_eval, g);
-  Tensor dx = empty_in_layout(x, g);
-  if (g.numel() == 0) return dx;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnext_sync_backward_cpu", [&] {
-    sync_backward_kernel<scalar_t>(ge.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                   dx.mutable_data_ptr<scalar_t>(), g, cc, ac, bc, sign);
-  });
-  return dx;
-}
+template <>
+struct SyncKernels<Cpu> {
+  // An empty input never gets here: the entry returns zeros (count 0: the merge skips it).
+  template <typename scalar_t>
+  static void batch_norm_stats(const at::Tensor& x, const Geometry& g, at::Tensor& mean, at::Tensor& m2) {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto st = channel_stats<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), g);
+    double *mp = mean.mutable_data_ptr<double>(), *qp = m2.mutable_data_ptr<double>();
+    for (int64_t c = 0; c < g.C; ++c) mp[c] = st[c].mean, qp[c] = st[c].m2;
+  }
 
-Tensor noise_apply_cpu(const Tensor& input, const Tensor& seed, at::ArrayRef<double> noise, int64_t noise_channels,
-                       int64_t sample_offset, bool forward) {
-  check_input(input);
-  TORCH_CHECK(sample_offset >= 0, "bnext.noise_apply: sample_offset must be >= 0, got ", sample_offset);
-  const NoiseSpec ns = noise_spec(seed, noise, noise_channels, input);
-  Geometry g;
-  const Tensor x = to_kernel_layout(input, &g);
-  Tensor y = empty_in_layout(x, g);
-  if (g.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnext_noise_apply_cpu", [&] {
-    if (forward) {
-      noise_apply_kernel<scalar_t, true>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), g, ns,
-                                         sample_offset);
-    } else {
-      noise_apply_kernel<scalar_t, false>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), g, ns,
-                                          sample_offset);
+  // Planar inputs by runs, short or not (the forward reads short runs as rows: lp_channel_stats).
+  template <typename scalar_t>
+  static void lp_norm_stats(const at::Tensor& x, const Geometry& g, LpKind kind, at::Tensor& sum, at::Tensor& power,
+                            at::Tensor& argmax) {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    std::vector<LpPartial> st;
+    with_lp_kind(kind, [&](auto P) {
+      constexpr LpKind kP = decltype(P)::value;
+      st = g.interleaved ? lp_interleaved_stats<scalar_t, acc_t, kP>(xp, g) : lp_planar_stats<scalar_t, acc_t, kP>(xp, g);
+    });
+    double *sp = sum.mutable_data_ptr<double>(), *pp = power.mutable_data_ptr<double>();
+    int64_t* ap = argmax.mutable_data_ptr<int64_t>();
+    for (int64_t c = 0; c < g.C; ++c) {
+      sp[c] = st[c].sum;
+      pp[c] = kind == LpKind::kLinf ? st[c].max.max : st[c].pow;
+      ap[c] = kind == LpKind::kLinf ? st[c].max.index : -1;
     }
-  });
-  return y;
-}
+  }
+
+  template <typename scalar_t>
+  static void sync_backward_elementwise(const at::Tensor& ge, const at::Tensor& x, const Geometry& g, at::Tensor& dx,
+                                        const at::Tensor& center, const at::Tensor& a, const at::Tensor& b, bool sign) {
+    sync_backward_kernel<scalar_t>(ge.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                   dx.mutable_data_ptr<scalar_t>(), g, center, a, b, sign);
+  }
+
+  template <typename scalar_t, bool FORWARD>
+  static void noise_apply(const at::Tensor& x, const Geometry& g, at::Tensor& y, const NoiseSpec& ns, int64_t n0) {
+    noise_apply_kernel<scalar_t, FORWARD>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), g, ns, n0);
+  }
+};
+
+template struct Sync<Cpu>;
 
 }  // namespace bnext
