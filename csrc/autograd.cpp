@@ -8,10 +8,10 @@
 //   backward: with grad mode off (the ordinary backward), the registered backward op, whose sums
 //             become grad_weight/grad_bias in the parameters' dtype; with grad mode on
 //             (create_graph=True, i.e. a second derivative is wanted), the *_backward_composite op,
-//             implemented in bnext/ops.py as a CompositeImplicitAutograd composition of
+//             implemented in bnext/ops/<op>.py as a CompositeImplicitAutograd composition of
 //             differentiable torch ops, so autograd records the first derivative as a graph.
 // The statistics outputs (mean, var / norm, argmax) are non-differentiable, as before. Fake
-// kernels and vmap rules of the ops stay in bnext/ops.py: they sit on other dispatch keys, and
+// kernels and vmap rules of the ops stay in bnext/ops/<op>.py: they sit on other dispatch keys, and
 // torch.compile traces through these Functions like through any autograd kernel.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -1,6 +1,6 @@
 // The one place where bnext's operator schemas are declared and backends registered.
 // The forward ops' autograd is in C++ (csrc/autograd.cpp); fake (meta) kernels, vmap rules and the
-// double-backward composites are registered from Python (bnext/ops.py).
+// double-backward composites are registered from Python (bnext/ops/<op>.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -57,7 +57,7 @@ TORCH_LIBRARY(bnext, m) {
   m.def("lp_norm_backward(Tensor grad_out, Tensor input, float p, Tensor? weight, Tensor? bias, Tensor mean, "
         "Tensor norm, Tensor argmax, bool training, float eps) -> (Tensor, Tensor, Tensor)");
   // Double backward (create_graph=True): (grad_input, grad_weight, grad_bias) composed of
-  // differentiable torch ops (CompositeImplicitAutograd, bnext/ops.py), what the C++ autograd of
+  // differentiable torch ops (CompositeImplicitAutograd, bnext/ops/<op>.py), what the C++ autograd of
   // the forward ops calls when grad mode is on in backward; an empty tensor for an absent parameter.
   m.def("batch_norm_backward_composite(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, "
         "Tensor mean, Tensor var, bool training, float eps, bool relu) -> (Tensor, Tensor, Tensor)");

@@ -1,5 +1,5 @@
 """Building blocks of the synchronized normalization layers (bnext/distributed.py;
-csrc/cpu/sync_normalization.cpp, csrc/common/sync_math.h), with their fake kernels: the local
+csrc/cpu/sync.cpp, csrc/common/sync_math.h), with their fake kernels: the local
 statistics passes batch_norm_stats / lp_norm_stats, the backward elementwise pass
 sync_backward_elementwise, and noise_apply (noisy BatchNorm's noise on an already normalized
 tensor: s * a + m forward, dy * s backward); and channel_stats on top of batch_norm_stats. Not
