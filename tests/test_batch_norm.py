@@ -1,6 +1,5 @@
 """bnext.batch_norm and bnext.nn.BatchNorm*: parity with PyTorch computed in float64, numerics,
 torch.library integration (opcheck, compile, vmap), double backward, modules, bad input."""
-
 import pytest
 import torch
 import torch.nn.functional as F
