@@ -16,6 +16,16 @@ def make_input(shape, dtype, layout, scale=3.0, shift=1.5):
     return x
 
 
+def channel_inputs(shape, layout):
+    """fp32 opcheck inputs: x (requiring grad) in layout, weight and bias (requiring grad), a running
+    mean and a positive second running buffer."""
+    C = shape[1]
+    x = make_input(shape, torch.float32, layout).requires_grad_()
+    w = torch.rand(C).add_(0.5).requires_grad_()
+    b = torch.randn(C).requires_grad_()
+    return x, w, b, torch.randn(C), torch.rand(C) + 0.5
+
+
 def at_thread_counts(step, counts=(1, 2)):
     """[step() run with torch.set_num_threads(n) for n in counts]; the thread count is restored."""
     old = torch.get_num_threads()
@@ -47,3 +57,19 @@ def assert_grads_close(got, want, rtol, atol, names=("input", "weight", "bias"))
     """Each gradient (any dtype) against its float64 reference, with its name in the message."""
     for name, a, r in zip(names, got, want):
         torch.testing.assert_close(a.double(), r, rtol=rtol, atol=atol, msg=lambda m: f"grad {name}: {m}")
+
+
+def assert_compiled_matches(model, ref, x, after_backward=lambda: ()):
+    """torch.compile(model, fullgraph=True) against ref (same state) on x: training outputs, the first
+    layer's weight gradient after backward of the outputs' sum, the (got, want, assert_close keywords)
+    triples after_backward() gives (running statistics), then eval outputs."""
+    compiled = torch.compile(model, fullgraph=True)
+    y, y_ref = compiled(x), ref(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    y.sum().backward()
+    y_ref.sum().backward()
+    torch.testing.assert_close(model[0].weight.grad, ref[0].weight.grad, rtol=1e-3, atol=1e-4)
+    for got, want, tol in after_backward():
+        torch.testing.assert_close(got, want, **tol)
+    model.eval(), ref.eval()
+    torch.testing.assert_close(compiled(x), ref(x), rtol=1e-4, atol=1e-4)

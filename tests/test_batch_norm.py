@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 import bnext
 from bnext import nn as bnn
-from helpers import assert_fwd_bwd_thread_independent, assert_grads_close, make_input
+from helpers import (assert_compiled_matches, assert_fwd_bwd_thread_independent, assert_grads_close,
+                     channel_inputs, make_input)
 
 ops = torch.ops.bnext
 
@@ -246,11 +247,7 @@ OPCHECK_CASES = [((4, 3, 5, 5), "contiguous"), ((4, 3, 5, 5), "channels_last"), 
 @pytest.mark.parametrize("shape,layout", OPCHECK_CASES)
 @pytest.mark.parametrize("training,relu", [(True, False), (True, True), (False, True)])
 def test_opcheck_forward_and_backward(shape, layout, training, relu):
-    C = shape[1]
-    x = make_input(shape, torch.float32, layout).requires_grad_()
-    w = torch.rand(C).add_(0.5).requires_grad_()
-    b = torch.randn(C).requires_grad_()
-    rm, rv = torch.randn(C), torch.rand(C) + 0.5
+    x, w, b, rm, rv = channel_inputs(shape, layout)
     torch.library.opcheck(ops.batch_norm_forward, (x, w, b, rm, rv, training, 1e-5, relu))
     _, mean, var = ops.batch_norm_forward(x, w, b, rm, rv, training, 1e-5, relu)
     g = make_input(shape, torch.float32, layout)
@@ -304,18 +301,9 @@ def test_torch_compile_fullgraph_conv_bn_relu():
     ref_model[1].load_state_dict(model[1].state_dict())
     ref_model[3].load_state_dict(model[2].state_dict())
     ref_model[4].load_state_dict(model[3].state_dict())
-    compiled = torch.compile(model, fullgraph=True)
-    x = torch.randn(4, 3, 8, 8)
-    y = compiled(x)
-    y_ref = ref_model(x)
-    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
-    y.sum().backward()
-    y_ref.sum().backward()
-    torch.testing.assert_close(model[0].weight.grad, ref_model[0].weight.grad, rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(model[1].running_mean, ref_model[1].running_mean, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(model[3].running_var, ref_model[4].running_var, rtol=1e-5, atol=1e-6)
-    model.eval(), ref_model.eval()
-    torch.testing.assert_close(compiled(x), ref_model(x), rtol=1e-4, atol=1e-4)
+    tol = dict(rtol=1e-5, atol=1e-6)
+    assert_compiled_matches(model, ref_model, torch.randn(4, 3, 8, 8), lambda: [
+        (model[1].running_mean, ref_model[1].running_mean, tol), (model[3].running_var, ref_model[4].running_var, tol)])
 
 
 def test_vmap_over_inputs_in_eval_and_without_running_stats():
