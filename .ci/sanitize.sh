@@ -16,7 +16,7 @@ ubsan_lib="$(gcc -print-file-name=libubsan.so)"
 tests=("$@")
 [ ${#tests[@]} -gt 0 ] || tests=(tests/test_batch_norm.py tests/test_fuzz.py tests/test_grad_stats.py
                                  tests/test_noisy_batch_norm.py tests/test_lp_norm.py
-                                 tests/test_fuzz_variants.py tests/test_bad_input.py tests/test_numerics.py
+                                 tests/test_sync.py tests/test_bad_input.py tests/test_numerics.py
                                  tests/test_hardening.py)
 existing=()
 for t in "${tests[@]}"; do [ -e "${t%%::*}" ] || [[ "$t" == -* ]] && existing+=("$t") || true; done

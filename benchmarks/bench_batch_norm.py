@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import bnext
-from conftest import ROUNDS
+from conftest import ROUNDS, synced
 
 SHAPES = [(128, 64, 32, 32), (256, 128, 16, 16)]
 LAYOUTS = ["nchw", "channels_last"]
@@ -61,17 +61,6 @@ def make_step(impl, op, x, dy, rm, rv, w, b):
             y = fn(x, rm, rv, w, b, relu)
             return torch.autograd.grad(y, (x, w, b), dy)
     return step
-
-
-def synced(step, device):
-    if device != "cuda":
-        return step
-
-    def run():
-        out = step()
-        torch.cuda.synchronize()
-        return out
-    return run
 
 
 @pytest.mark.parametrize("impl", IMPLS)

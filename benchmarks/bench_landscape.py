@@ -1,17 +1,9 @@
-"""Landscape toolkit: fused multi-tensor statistics, ICS, line probes; each against its baseline in
-the same run.
+"""Landscape toolkit: ICS and line probes, each against its baseline in the same run (the fused
+multi-tensor statistics they use: bench_grad_stats.py).
 
     pytest benchmarks/bench_landscape.py --benchmark-only [--benchmark-json out.json]
     python benchmarks/bench_landscape.py out.json      # markdown table with the ratios
 
-grad_stats   [|a|^2, |b|^2, |a-b|^2, <a,b>] for every pair of two VGG-16 (CIFAR, width 1, BN)
-             parameter lists (58 tensors, 15.2 M fp32 values each):
-               bnext     bnext.grad_stats (one parallel pass, fp64 accumulation)
-               loop      Python loop, per pair torch.stack([a.pow(2).sum(), b.pow(2).sum(),
-                         (a - b).pow(2).sum(), (a * b).sum()])            (fp32 accumulation)
-               loop_f64  the same loop on float64 copies (the numerics bnext gives)
-               foreach   torch._foreach_norm of a, b and _foreach_sub(a, b); dot by polarization
-             Bytes counted: a and b read once (2 passes); GB/s against the copy bandwidth of the run.
 ics          Definition 2.1 for all 16 layers of a VGG-16 (width 1/4, BN, batch 32, train mode):
                shared    bnext.landscape.ics (shared-prefix sweep)
                naive     bnext.landscape.ics(scheme="naive"): a full forward per layer, backward to W_i only
@@ -19,7 +11,6 @@ ics          Definition 2.1 for all 16 layers of a VGG-16 (width 1/4, BN, batch 
              Target: shared <= 0.6 x textbook.
 line_probe   8 step sizes along the gradient, same VGG: batched (vmap) vs sequential.
 """
-import json
 import os
 import sys
 
@@ -31,93 +22,16 @@ from torch.func import functional_call
 
 import bnext
 from bnext import landscape
+from conftest import ratio_table, synced, vgg16
 
 ROUNDS = int(os.environ.get("BNEXT_BENCH_ROUNDS", "15"))
 HEAVY_ROUNDS = max(3, min(ROUNDS, 5))  # the ICS / line-probe rounds take seconds each on a CPU
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
-
-
-def vgg16(width=1.0, num_classes=10):
-    """Flat Sequential: conv -> bnext BN -> ReLU blocks, max-pools, 3 linear layers (16 layers)."""
-    layers, c = [], 3
-    for v in VGG16:
-        if v == "M":
-            layers.append(nn.MaxPool2d(2))
-            continue
-        out = max(1, int(round(v * width)))
-        layers += [nn.Conv2d(c, out, 3, padding=1), bnext.nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
-        c = out
-    hidden = max(1, int(round(512 * width)))
-    layers += [nn.Flatten(), nn.Linear(c, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
-               nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)]
-    return nn.Sequential(*layers)
 
 
 def xent(model, batch):
     x, y = batch
     return F.cross_entropy(model(x), y)
-
-
-def synced(fn, device):
-    if device != "cuda":
-        return fn
-
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-    return run
-
-
-# -------------------------------------------------------------------------------------------------
-# grad_stats
-# -------------------------------------------------------------------------------------------------
-
-def loop_stats(a, b):
-    return torch.stack([torch.stack([x.pow(2).sum(), y.pow(2).sum(), (x - y).pow(2).sum(), (x * y).sum()])
-                        for x, y in zip(a, b)])
-
-
-def loop_stats_f64(a, b):
-    return loop_stats([x.double() for x in a], [y.double() for y in b])
-
-
-def foreach_stats(a, b):
-    na, nb = torch._foreach_norm(a), torch._foreach_norm(b)
-    nd = torch._foreach_norm(torch._foreach_sub(a, b))
-    sa, sb, sd = (torch.stack(v) ** 2 for v in (na, nb, nd))
-    return torch.stack([sa, sb, sd, (sa + sb - sd) / 2], 1)
-
-
-GRAD_STATS_IMPLS = {"bnext": bnext.grad_stats, "loop": loop_stats, "loop_f64": loop_stats_f64,
-                    "foreach": foreach_stats}
-
-
-@pytest.mark.parametrize("impl", list(GRAD_STATS_IMPLS))
-@pytest.mark.parametrize("device", DEVICES)
-def bench_grad_stats_vgg16(benchmark, copy_gbps, device, impl):
-    torch.manual_seed(0)
-    params = list(vgg16(1.0).to(device).parameters())
-    a = [torch.randn_like(p) for p in params]
-    b = [torch.randn_like(p) for p in params]
-    numel = sum(p.numel() for p in params)
-    fn = GRAD_STATS_IMPLS[impl]
-    cols = 3 if impl == "foreach" else 4  # foreach's dot comes from polarization: fp32 cancellation
-    torch.testing.assert_close(fn(a, b).double().cpu()[:, :cols], bnext.grad_stats(a, b).cpu()[:, :cols],
-                               rtol=1e-3, atol=1e-3)
-    step = synced(lambda: fn(a, b), device)
-    for _ in range(2):
-        step()
-    benchmark.group = f"{device} grad_stats vgg16 ({len(a)} tensors, {numel / 1e6:.1f} M values)"
-    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    nbytes = 2 * numel * 4
-    copy = copy_gbps(numel, torch.float32, device)
-    benchmark.extra_info.update(bench="grad_stats", variant=impl, device=device, tensors=len(a), numel=numel,
-                                bytes=nbytes, copy_gbps=copy)
-    if benchmark.stats is not None:
-        gbps = nbytes / benchmark.stats.stats.median / 1e9
-        benchmark.extra_info.update(gbps=gbps, fraction_of_copy=gbps / copy)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -199,34 +113,12 @@ def bench_line_probe_vgg16(benchmark, device, mode):
 # Report
 # -------------------------------------------------------------------------------------------------
 
-BASELINE = {"grad_stats": ("bnext", ["loop", "loop_f64", "foreach"]), "ics": ("shared", ["naive", "textbook"]),
-            "line_probe": ("batched", ["sequential"])}
+BASELINE = {"ics": ("shared", ["naive", "textbook"]), "line_probe": ("batched", ["sequential"])}
 
 
 def report(paths):
     """Markdown table: median per variant and the ratio of the bnext variant to each baseline."""
-    rows = {}
-    for path in paths:
-        with open(path) as f:
-            data = json.load(f)
-        for bench in data["benchmarks"]:
-            info = bench.get("extra_info", {})
-            if info.get("bench") not in BASELINE:
-                continue
-            rows.setdefault((info["device"], info["bench"], bench["group"]), {})[info["variant"]] = (bench["stats"]["median"], info)
-    lines = ["| device | benchmark | variant | median (ms) | speedup of bnext's variant | GB/s (of copy) |",
-             "|---|---|---|---|---|---|"]
-    for (device, name, group), variants in rows.items():
-        ours, bases = BASELINE[name]
-        t_ours = variants.get(ours, (None,))[0]
-        for v in [ours] + bases:
-            if v not in variants:
-                continue
-            t, info = variants[v]
-            speed = "" if v == ours or t_ours is None else f"{t / t_ours:.2f}x"
-            bw = f"{info['gbps']:.1f} ({info['fraction_of_copy']:.0%})" if "gbps" in info else ""
-            lines.append(f"| {device} | {group} | {v} | {t * 1e3:.2f} | {speed} | {bw} |")
-    return "\n".join(lines)
+    return ratio_table(paths, BASELINE)
 
 
 if __name__ == "__main__":

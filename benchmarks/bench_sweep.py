@@ -11,7 +11,7 @@ Layouts: NCHW and channels_last (channels_last_3d) for inputs with spatial dims.
 Variants (what is timed, all with batch statistics; gradients of input, weight and bias):
   bn        bnext.batch_norm                     vs F.batch_norm                      (running stats updated)
   bn_relu   bnext.batch_norm(activation="relu")  vs F.relu(F.batch_norm(...))         (running stats updated)
-  noisy_bn  bnext.noisy_batch_norm               vs BN + noise drawn with torch.rand/randn (bench_variants.py)
+  noisy_bn  bnext.noisy_batch_norm               vs BN + noise drawn with torch.rand/randn (conftest.py)
   l2        bnext.lp_norm(p=2)                   vs bnext.ops.lp_norm_reference (torch eager ops)
 torch.compile of the eager composition is timed for the variants in BNEXT_SWEEP_COMPILE (default
 "bn_relu": one compilation per shape and layout already takes minutes on 2 cores; "all" or "none").
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import bnext
 from bnext.ops import lp_norm_reference
 
-from conftest import ROUNDS
+from conftest import ROUNDS, noisy_batch_norm_eager
 
 BATCH = 128
 
@@ -72,18 +72,6 @@ COMPILED_VARIANTS = VARIANTS if _COMPILE == "all" else ([] if _COMPILE == "none"
 EPS, MOMENTUM = 1e-5, 0.1
 
 
-def noisy_eager(x, w, b):
-    """Noisy BN's Algorithm 1 from eager ops: BN, then s * y + m with the noise materialized."""
-    y = F.batch_norm(x, None, None, w, b, True, MOMENTUM, EPS)
-    view = [1, -1] + [1] * (x.dim() - 2)
-    C = x.shape[1]
-    mu = (torch.rand(C, device=x.device) * 2 - 1) * 0.5
-    sigma = 1 + torch.rand(C, device=x.device) * 0.25
-    s = torch.randn_like(y) * 0.1 + sigma.view(view)
-    m = (torch.rand_like(y) * 2 - 1) * 0.1 + mu.view(view)
-    return s * y + m
-
-
 def make_fn(variant, impl):
     """fn(x, rm, rv, w, b) -> output, for one variant and implementation."""
     if impl == "bnext":
@@ -98,7 +86,7 @@ def make_fn(variant, impl):
     elif variant == "bn_relu":
         fn = lambda x, rm, rv, w, b: F.relu(F.batch_norm(x, rm, rv, w, b, True, MOMENTUM, EPS))  # noqa: E731
     elif variant == "noisy_bn":
-        fn = lambda x, rm, rv, w, b: noisy_eager(x, w, b)  # noqa: E731
+        fn = lambda x, rm, rv, w, b: noisy_batch_norm_eager(x, w, b, EPS)  # noqa: E731
     else:
         fn = lambda x, rm, rv, w, b: lp_norm_reference(x, 2, w, b, None, None, None, True, EPS)  # noqa: E731
     return torch.compile(fn, dynamic=False) if impl == "compile" else fn

@@ -39,7 +39,7 @@ from bnext import landscape
 from bnext.experiments.models import ChannelNoise, build_vgg
 from bnext.ops import lp_norm_reference
 
-from conftest import ROUNDS
+from conftest import ROUNDS, benchmark_rows
 
 BATCH = 128
 WIDTHS = [float(w) for w in os.environ.get("BNEXT_VGG_WIDTHS", "0.125,0.5").split(",")]
@@ -161,17 +161,10 @@ def bench_vgg_measure(benchmark, norm, impl):
 # -------------------------------------------------------------------------------------------------
 
 def load(paths):
-    import json
     rows = {}
-    for path in paths:
-        with open(path) as f:
-            data = json.load(f)
-        for bench in data["benchmarks"]:
-            info = bench.get("extra_info", {})
-            if info.get("bench") not in ("vgg_step", "vgg_measure"):
-                continue
-            key = (info["bench"], info["threads"], info["width"])
-            rows.setdefault(key, {})[(info["norm"], info["impl"])] = (bench["stats"]["median"], info)
+    for bench, info in benchmark_rows(paths, ("vgg_step", "vgg_measure")):
+        key = (info["bench"], info["threads"], info["width"])
+        rows.setdefault(key, {})[(info["norm"], info["impl"])] = (bench["stats"]["median"], info)
     return rows
 
 

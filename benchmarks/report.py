@@ -5,8 +5,9 @@
 
 One row per (device, op, shape, layout): median time of each implementation, bnext's speedup over
 eager and over torch.compile, bnext's GB/s (bytes counted / median) and that as a fraction of the
-copy bandwidth measured in the same process right after the row's benchmarks, and whether the targets of issue 3 are met (forward+backward
-rows only: speedup over eager >= 2.5 on NCHW, >= 1.4 on channels_last, and >= 80% of copy bandwidth).
+copy bandwidth measured in the same process right after the row's benchmarks, and whether BatchNorm's
+targets are met (TARGET_SPEEDUP, TARGET_FRACTION; forward+backward rows only: speedup over eager >= 2.5
+on NCHW, >= 1.4 on channels_last, and >= 80% of copy bandwidth).
 """
 import argparse
 import json

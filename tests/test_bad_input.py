@@ -19,6 +19,7 @@ import torch
 import bnext
 from bnext import landscape
 from bnext import nn as bnn
+from op_registry import NORM_OPS, SECOND_BUFFER
 
 EXC = (ValueError, TypeError, RuntimeError)
 
@@ -69,20 +70,8 @@ def _norm_cases(name, fn, second):
     ]
 
 
-def _bn(x, rm, rv, w, b, training, momentum, eps, **kw):
-    return bnext.batch_norm(x, rm, rv, w, b, training, momentum, eps, **kw)
-
-
-def _noisy(x, rm, rv, w, b, training, momentum, eps, **kw):
-    return bnext.noisy_batch_norm(x, rm, rv, w, b, training, momentum, eps, **kw)
-
-
-def _lp(x, rm, rn, w, b, training, momentum, eps, p=2):
-    return bnext.lp_norm(x, p, rm, rn, w, b, training, momentum, eps)
-
-
-CASES = _norm_cases("batch_norm", _bn, "running_var") + _norm_cases("noisy_batch_norm", _noisy, "running_var") + \
-    _norm_cases("lp_norm", _lp, "running_norm")
+_bn, _noisy, _lp = NORM_OPS["batch_norm"], NORM_OPS["noisy_batch_norm"], NORM_OPS["lp_norm"]
+CASES = [case for name, fn in NORM_OPS.items() for case in _norm_cases(name, fn, SECOND_BUFFER[name])]
 CASES += [
     ("batch_norm-activation", lambda: _bn(x4(), None, None, None, None, True, 0.1, 1e-5, activation="gelu"), r"\bactivation\b"),
     ("noisy-noise_mean-negative", lambda: _noisy(x4(), None, None, None, None, True, 0.1, 1e-5, noise_mean=-1.0), r"\bnoise_mean\b"),

@@ -1,13 +1,13 @@
 """bnext.batch_norm and bnext.nn.BatchNorm*: parity with PyTorch computed in float64, numerics,
 torch.library integration (opcheck, compile, vmap), double backward, modules, bad input."""
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import bnext
 from bnext import nn as bnn
+from helpers import (assert_compiled_matches, assert_fwd_bwd_thread_independent, assert_grads_close,
+                     channel_inputs, make_input)
 
 ops = torch.ops.bnext
 
@@ -26,15 +26,22 @@ def reference(x, rm, rv, w, b, training, momentum, eps, relu):
     return (y.relu() if relu else y), xd, wd, bd, rmd, rvd
 
 
-def make_input(shape, dtype, layout, scale=3.0, shift=1.5):
-    x = (torch.randn(shape, dtype=torch.float64) * scale + shift).to(dtype)
-    if layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
-    elif layout == "slice":  # non-contiguous: every other element along the last dim
-        big = (torch.randn(*shape[:-1], shape[-1] * 2, dtype=torch.float64) * scale + shift).to(dtype)
-        x = big[..., ::2]
-        assert not x.is_contiguous()
-    return x
+def check_affine_case(x, rm, rv, w, b, training, relu, draw_grad, input_tol, param_tol, running_tol=None):
+    """bnext.batch_norm against the float64 reference: output to TOL[x.dtype], the running stats to
+    running_tol (when given), the input gradient to input_tol and the weight/bias ones to param_tol
+    (rtol, atol), for the upstream gradient draw_grad() in x's dtype."""
+    yr, xd, wd, bd, rmd, rvd = reference(x, rm, rv, w, b, training, 0.1, 1e-5, relu)
+    y = bnext.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, "relu" if relu else None)
+    rtol, atol = TOL[x.dtype]
+    torch.testing.assert_close(y.double(), yr, rtol=rtol, atol=atol)
+    if running_tol is not None:
+        torch.testing.assert_close(rm.double(), rmd, rtol=running_tol, atol=running_tol)
+        torch.testing.assert_close(rv.double(), rvd, rtol=running_tol, atol=running_tol)
+    g = draw_grad()
+    got = torch.autograd.grad(y, [x, w, b], g)
+    want = torch.autograd.grad(yr, [xd, wd, bd], g.double())
+    assert_grads_close(got[:1], want[:1], *input_tol)
+    assert_grads_close(got[1:], want[1:], *param_tol, names=("weight", "bias"))
 
 
 SHAPES = [(4, 3), (1, 2, 5), (5, 1, 7), (3, 4, 5, 6), (1, 3, 4, 4), (2, 3, 3, 4, 5), (7, 5, 3)]
@@ -100,17 +107,10 @@ def test_parity_on_outputs_large_enough_for_streaming_stores(shape, dtype, train
     w = (torch.rand(C, dtype=dtype) + 0.5).requires_grad_()
     b = torch.randn(C, dtype=dtype).requires_grad_()
     rm, rv = torch.randn(C, dtype=dtype), torch.rand(C, dtype=dtype) + 0.5
-    yr, xd, wd, bd, rmd, rvd = reference(x, rm, rv, w, b, training, 0.1, 1e-5, relu)
-    y = bnext.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, "relu" if relu else None)
     rtol, atol = TOL[dtype]
-    torch.testing.assert_close(y.double(), yr, rtol=rtol, atol=atol)
-    g = torch.randn(shape, dtype=dtype)
-    got = torch.autograd.grad(y, [x, w, b], g)
-    want = torch.autograd.grad(yr, [xd, wd, bd], g.double())
-    for name, a, e in zip(["input", "weight", "bias"], got, want):
-        # weight/bias grads sum ~1e6 values: fp32 accumulation order differs from torch's fp64 reference
-        tol = (rtol, atol) if name == "input" else (rtol * 10, atol * 100)
-        torch.testing.assert_close(a.double(), e, rtol=tol[0], atol=tol[1], msg=lambda m: f"grad {name}: {m}")
+    # weight/bias grads sum ~1e6 values: fp32 accumulation order differs from torch's fp64 reference
+    check_affine_case(x, rm, rv, w, b, training, relu, lambda: torch.randn(shape, dtype=dtype),
+                      (rtol, atol), (rtol * 10, atol * 100))
 
 
 # Planar inputs with runs of S <= 64 values are reduced as rows of C * S columns in chunks of rows
@@ -128,19 +128,10 @@ def test_parity_short_planar_runs(shape, dtype, training, relu):
     w = (torch.rand(C, dtype=pdtype) + 0.5).requires_grad_()
     b = torch.randn(C, dtype=pdtype).requires_grad_()
     rm, rv = torch.randn(C, dtype=pdtype), torch.rand(C, dtype=pdtype) + 0.5
-    yr, xd, wd, bd, rmd, rvd = reference(x, rm, rv, w, b, training, 0.1, 1e-5, relu)
-    y = bnext.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, "relu" if relu else None)
     rtol, atol = TOL[dtype]
-    torch.testing.assert_close(y.double(), yr, rtol=rtol, atol=atol)
-    torch.testing.assert_close(rm.double(), rmd, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(rv.double(), rvd, rtol=1e-6, atol=1e-6)
-    g = torch.randn(shape, dtype=torch.float64).to(dtype)
-    got = torch.autograd.grad(y, [x, w, b], g)
-    want = torch.autograd.grad(yr, [xd, wd, bd], g.double())
     scale = 10.0 if dtype == torch.float16 else 1.0
-    for name, a, e in zip(["input", "weight", "bias"], got, want):
-        tol = (rtol * scale, atol * scale * 10) if name == "input" else (rtol * scale * 10, atol * scale * 100)
-        torch.testing.assert_close(a.double(), e, rtol=tol[0], atol=tol[1], msg=lambda m: f"grad {name}: {m}")
+    check_affine_case(x, rm, rv, w, b, training, relu, lambda: torch.randn(shape, dtype=torch.float64).to(dtype),
+                      (rtol * scale, atol * scale * 10), (rtol * scale * 10, atol * scale * 100), running_tol=1e-6)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -210,18 +201,7 @@ def test_large_mean_numerics(layout):
 
 def test_results_do_not_depend_on_thread_count():
     x = torch.randn(32, 16, 9, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
-    g = torch.randn_like(x)
-    old = torch.get_num_threads()
-    outs = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            y = bnext.batch_norm(x, None, None, training=True, activation="relu")
-            outs.append((y, *torch.autograd.grad(y, x, g)))
-    finally:
-        torch.set_num_threads(old)
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+    assert_fwd_bwd_thread_independent(lambda x: bnext.batch_norm(x, None, None, training=True, activation="relu"), x)
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 4), (2, 0, 4), (0, 3), (3, 2, 0)])
@@ -267,11 +247,7 @@ OPCHECK_CASES = [((4, 3, 5, 5), "contiguous"), ((4, 3, 5, 5), "channels_last"), 
 @pytest.mark.parametrize("shape,layout", OPCHECK_CASES)
 @pytest.mark.parametrize("training,relu", [(True, False), (True, True), (False, True)])
 def test_opcheck_forward_and_backward(shape, layout, training, relu):
-    C = shape[1]
-    x = make_input(shape, torch.float32, layout).requires_grad_()
-    w = torch.rand(C).add_(0.5).requires_grad_()
-    b = torch.randn(C).requires_grad_()
-    rm, rv = torch.randn(C), torch.rand(C) + 0.5
+    x, w, b, rm, rv = channel_inputs(shape, layout)
     torch.library.opcheck(ops.batch_norm_forward, (x, w, b, rm, rv, training, 1e-5, relu))
     _, mean, var = ops.batch_norm_forward(x, w, b, rm, rv, training, 1e-5, relu)
     g = make_input(shape, torch.float32, layout)
@@ -325,18 +301,9 @@ def test_torch_compile_fullgraph_conv_bn_relu():
     ref_model[1].load_state_dict(model[1].state_dict())
     ref_model[3].load_state_dict(model[2].state_dict())
     ref_model[4].load_state_dict(model[3].state_dict())
-    compiled = torch.compile(model, fullgraph=True)
-    x = torch.randn(4, 3, 8, 8)
-    y = compiled(x)
-    y_ref = ref_model(x)
-    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
-    y.sum().backward()
-    y_ref.sum().backward()
-    torch.testing.assert_close(model[0].weight.grad, ref_model[0].weight.grad, rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(model[1].running_mean, ref_model[1].running_mean, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(model[3].running_var, ref_model[4].running_var, rtol=1e-5, atol=1e-6)
-    model.eval(), ref_model.eval()
-    torch.testing.assert_close(compiled(x), ref_model(x), rtol=1e-4, atol=1e-4)
+    tol = dict(rtol=1e-5, atol=1e-6)
+    assert_compiled_matches(model, ref_model, torch.randn(4, 3, 8, 8), lambda: [
+        (model[1].running_mean, ref_model[1].running_mean, tol), (model[3].running_var, ref_model[4].running_var, tol)])
 
 
 def test_vmap_over_inputs_in_eval_and_without_running_stats():

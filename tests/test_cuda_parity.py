@@ -1,5 +1,5 @@
-"""The CUDA kernels against the CPU kernels and against independent float64 references: the seven
-defects of issue 15 pinned (the CPU-side twins run without a GPU), the distributed ops, noisy
+"""The CUDA kernels against the CPU kernels and against independent float64 references: seven
+defects of earlier CUDA kernels pinned (the CPU-side twins run without a GPU), the distributed ops, noisy
 BatchNorm and l_p with weight/bias gradients, the noise bitwise, shapes that split into several row
 groups and channel tiles, l_inf ties across blocks, NaN, empty inputs, > 2^31 elements
 (BNEXT_TEST_HUGE=1), and the short subset compute-sanitizer runs (test_sanitizer_subset).

@@ -1,6 +1,6 @@
 """.ci/gpu_check.sh and its report writer .ci/gpu_report.py, on this machine: argument handling,
 the no-GPU path (exit 2, a plain message, nothing built), and the report on fake results (steps,
-benchmark tables, the issue's targets, at most 8 files)."""
+benchmark tables, the GPU benchmark targets, at most 8 files)."""
 import importlib.util
 import json
 import os

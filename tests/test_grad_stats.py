@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import bnext
+from helpers import at_thread_counts
 
 CHUNK = 1 << 16  # csrc/multi_tensor.h kMultiTensorChunk
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -48,12 +49,7 @@ def test_grad_stats_mixed_dtypes_noncontiguous_and_many_tensors():
 
 def test_grad_stats_independent_of_thread_count():
     a, b = pair_list(torch.float32)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = bnext.grad_stats(a, b)
-    finally:
-        torch.set_num_threads(threads)
+    (one,) = at_thread_counts(lambda: bnext.grad_stats(a, b), (1,))
     assert torch.equal(one, bnext.grad_stats(a, b))
 
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import bnext
+from helpers import at_thread_counts
+from op_registry import CONFIGS, NORM_OPS
 
 ops = torch.ops.bnext
 
@@ -33,15 +35,11 @@ def _fwd_bwd(op, x, gen_seed=0):
     w = torch.linspace(0.5, 1.5, C, dtype=pdt).requires_grad_()
     b = torch.linspace(-1, 1, C, dtype=pdt).requires_grad_()
     rm, r2 = torch.zeros(C, dtype=pdt), torch.ones(C, dtype=pdt)
-    if op == "batch_norm":
-        y = bnext.batch_norm(xr, rm, r2, w, b, True, 0.1, 1e-5, "relu")
-    elif op == "batch_norm_eval":
-        y = bnext.batch_norm(xr, rm, r2, w, b, False)
-    elif op == "noisy_batch_norm":
-        y = bnext.noisy_batch_norm(xr, rm, r2, w, b, True, generator=torch.Generator().manual_seed(gen_seed))
-    elif op.startswith("lp_norm"):
-        p = {"lp_norm_1": 1, "lp_norm_2": 2, "lp_norm_inf": math.inf}[op]
-        y = bnext.lp_norm(xr, p, rm, r2, w, b, True)
+    if op in CONFIGS:
+        name, training, kw = CONFIGS[op]
+        if name == "noisy_batch_norm":
+            kw = dict(kw, generator=torch.Generator().manual_seed(gen_seed))
+        y = NORM_OPS[name](xr, rm, r2, w, b, training, 0.1, 1e-5, **kw)
     elif op == "grad_stats":
         return bnext.grad_stats([x, x[:1]], [x * 0.5 + 1, x[1:2]]), [rm]
     elif op == "multi_axpy":
@@ -53,8 +51,7 @@ def _fwd_bwd(op, x, gen_seed=0):
     return y.detach(), [g.detach() for g in grads] + [rm, r2]
 
 
-OPS = ["batch_norm", "batch_norm_eval", "noisy_batch_norm", "lp_norm_1", "lp_norm_2", "lp_norm_inf",
-       "grad_stats", "multi_axpy"]
+OPS = list(CONFIGS) + ["grad_stats", "multi_axpy"]
 
 
 @pytest.mark.skipif(os.environ.get("BNEXT_SANITIZE") == "1",
@@ -113,14 +110,7 @@ def test_bitwise_independent_of_thread_count(op, shape, lay):
     if lay == "channels_last" and len(shape) != 4:
         pytest.skip("channels_last needs a 4-d input")
     x = _x(shape, channels_last=lay == "channels_last")
-    old = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3, 4):
-            torch.set_num_threads(n)
-            results.append(_fwd_bwd(op, x, 7))
-    finally:
-        torch.set_num_threads(old)
+    results = at_thread_counts(lambda: _fwd_bwd(op, x, 7), (1, 2, 3, 4))
     for n, r in zip((2, 3, 4), results[1:]):
         assert _equal(results[0], r), f"{op}: results with {n} threads differ from 1 thread"
 

@@ -164,6 +164,22 @@ class Residual(nn.Module):
         return self.head(out) * self.scale
 
 
+def gradient_after_prefix_step(model, batch, lr, in_prefix):
+    """A hand-built G' for ICS: G, the gradients of the loss at the model's parameters (by name), and a
+    copy of the model whose parameters named in_prefix(name) took the step -lr * G, with the loss's
+    gradients at that point in its .grad."""
+    m2 = copy.deepcopy(model)
+    xent(m2, batch).backward()
+    G = {n: p.grad.clone() for n, p in m2.named_parameters()}
+    m3 = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in m3.named_parameters():
+            if in_prefix(n):
+                p.sub_(lr * G[n])
+    xent(m3, batch).backward()
+    return G, m3
+
+
 def test_ics_shared_prefix_equals_naive_scheme_on_a_residual_model(monkeypatch):
     model, batch = Residual().double(), conv_batch()
     sweeps = []
@@ -177,15 +193,7 @@ def test_ics_shared_prefix_equals_naive_scheme_on_a_residual_model(monkeypatch):
         assert a.l2 == pytest.approx(b.l2, rel=1e-10, abs=1e-14)
         assert a.cosine == pytest.approx(b.cosine, rel=1e-10)
     # conv2's prefix holds stem, conv1 and bn1 but not bn2: check against a hand-built G'.
-    m2 = copy.deepcopy(model)
-    xent(m2, batch).backward()
-    G = {n: p.grad.clone() for n, p in m2.named_parameters()}
-    m3 = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, p in m3.named_parameters():
-            if n.split(".")[0] in ("stem", "conv1", "bn1"):
-                p.sub_(0.4 * G[n])
-    xent(m3, batch).backward()
+    G, m3 = gradient_after_prefix_step(model, batch, 0.4, lambda n: n.split(".")[0] in ("stem", "conv1", "bn1"))
     assert shared[2].l2 == pytest.approx(float((G["conv2.weight"] - m3.conv2.weight.grad).norm()), rel=1e-9)
 
 
@@ -549,15 +557,7 @@ def test_ics_tied_weights_use_the_naive_scheme():
     with pytest.raises(ValueError, match="tied weights"):
         L.ics(model, xent, batch, lr=0.3, layers=["mid", "out"], scheme="shared_prefix")
     # "out"'s own (tied) weight is not part of its prefix: only mid's parameters are updated.
-    m2 = copy.deepcopy(model)
-    xent(m2, batch).backward()
-    G = {n: p.grad.clone() for n, p in m2.named_parameters()}
-    m3 = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, p in m3.named_parameters():
-            if n.startswith("mid."):
-                p.sub_(0.3 * G[n])
-    xent(m3, batch).backward()
+    G, m3 = gradient_after_prefix_step(model, batch, 0.3, lambda n: n.startswith("mid."))
     assert got[1].l2 == pytest.approx(float((G["inp.weight"] - m3.out.weight.grad).norm()), rel=1e-9)
 
 

@@ -1,5 +1,6 @@
-"""bnext.lp_norm and bnext.nn.LpNorm*: parity with an fp64 composite of torch ops, exact gradients
-(including the p=inf subgradient at ties), running stats, torch.library integration, bad input."""
+"""bnext.lp_norm and bnext.nn.LpNorm*: parity with a float64 oracle written here from the definition,
+exact gradients (including the p=inf subgradient at ties), running stats, torch.library integration,
+bad input."""
 import math
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 
 import bnext
 from bnext import nn as bnn
-from bnext.ops import lp_norm_reference
+from helpers import (assert_compiled_matches, assert_fwd_bwd_thread_independent, assert_grads_close,
+                     channel_inputs, make_input)
 
 ops = torch.ops.bnext
 PS = [1, 2, math.inf]
@@ -15,24 +17,43 @@ TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4),
        torch.float16: (2e-2, 2e-2), torch.bfloat16: (8e-2, 8e-2)}
 
 
-def make_input(shape, dtype, layout, scale=3.0, shift=1.5):
-    x = (torch.randn(shape, dtype=torch.float64) * scale + shift).to(dtype)
-    if layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
-    elif layout == "slice":
-        big = (torch.randn(*shape[:-1], shape[-1] * 2, dtype=torch.float64) * scale + shift).to(dtype)
-        x = big[..., ::2]
-    return x
-
-
-def ref_norm(x, p):
-    """N_p per channel in fp64, p=inf read at the first arg-max (torch.argmax's choice)."""
-    flat = x.double().movedim(1, 0).reshape(x.shape[1], -1)
+def channel_norm(x, p, argmax=None):
+    """N_p(y) per channel c over (N, *), differentiable, shape (C,): (mean |y|^p)^(1/p), and for
+    p = inf max |y| read at one position per channel (argmax, a position n * S + s in logical order;
+    by default the first maximal |y| as torch.argmax picks it, a NaN counting as the maximum), which is
+    where its gradient goes."""
+    flat = x.movedim(1, 0).reshape(x.shape[1], -1)
     if p == 1:
         return flat.abs().mean(1)
     if p == 2:
         return flat.square().mean(1).sqrt()
-    return flat.abs().amax(1)
+    if argmax is None:
+        argmax = flat.detach().abs().argmax(1)
+    return flat.abs().gather(1, argmax.view(-1, 1)).view(-1)
+
+
+def lp_norm_oracle(x, p, weight=None, bias=None, running_mean=None, running_norm=None, training=True, eps=1e-5,
+                   argmax=None):
+    """The definition, on the tensors given (float64 in the tests), with plain torch ops:
+    z = gamma * (y - mean(y)) / (N_p(y) + eps) + beta per channel over (N, *); in eval the mean and
+    N_p are running_mean and running_norm."""
+    view = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    if training:
+        mu = x.movedim(1, 0).reshape(x.shape[1], -1).mean(1)
+        n = channel_norm(x, p, argmax)
+    else:
+        mu, n = running_mean, running_norm
+    z = (x - mu.view(view)) / (n.view(view) + eps)
+    if weight is not None:
+        z = z * weight.view(view)
+    if bias is not None:
+        z = z + bias.view(view)
+    return z
+
+
+def ref_norm(x, p):
+    """N_p per channel of x's values in float64 (no gradient)."""
+    return channel_norm(x.detach().double(), p)
 
 
 CASES = [((4, 3), "contiguous"), ((5, 1, 7), "contiguous"), ((3, 4, 5, 6), "contiguous"),
@@ -44,7 +65,7 @@ CASES = [((4, 3), "contiguous"), ((5, 1, 7), "contiguous"), ((3, 4, 5, 6), "cont
 @pytest.mark.parametrize("shape,layout", CASES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("training", [True, False])
-def test_parity_with_composite(p, shape, layout, dtype, training):
+def test_parity_with_float64_oracle(p, shape, layout, dtype, training):
     C = shape[1]
     x = make_input(shape, dtype, layout).requires_grad_()
     pdtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
@@ -54,7 +75,7 @@ def test_parity_with_composite(p, shape, layout, dtype, training):
     rm0, rn0 = rm.clone(), rn.clone()
     y = bnext.lp_norm(x, p, rm, rn, w, b, training=training, momentum=0.1)
     xd, wd, bd = [t.detach().double().requires_grad_() for t in (x, w, b)]
-    yr = lp_norm_reference(xd, p, wd, bd, rm0.double(), rn0.double(), None, training, 1e-5)
+    yr = lp_norm_oracle(xd, p, wd, bd, rm0.double(), rn0.double(), training)
     rtol, atol = TOL[dtype]
     assert y.dtype == dtype
     torch.testing.assert_close(y.double(), yr, rtol=rtol, atol=atol)
@@ -107,7 +128,7 @@ def test_linf_subgradient_at_ties_goes_to_first_argmax(layout):
     flat = xd.movedim(1, 0).reshape(2, -1)
     idx = flat.abs().argmax(1)
     assert idx.tolist() == [1 * 4 + 2, 3 * 4 + 0]
-    yr = lp_norm_reference(xd, math.inf, w, None, None, None, idx, True, 1e-5)
+    yr = lp_norm_oracle(xd, math.inf, w, argmax=idx)
     (dxr,) = torch.autograd.grad(yr, xd, g)
     torch.testing.assert_close(dx, dxr, rtol=1e-12, atol=1e-12)
     # The other tied elements get only the mean/affine part, like every non-maximal element.
@@ -127,7 +148,7 @@ def test_p1_subgradient_at_zero_and_p2_zero_channel():
         g = torch.randn_like(y)
         (dx,) = torch.autograd.grad(y, xr, g)
         xd = x.clone().requires_grad_()
-        yr = lp_norm_reference(xd, p, None, None, None, None, None, True, 1e-5)
+        yr = lp_norm_oracle(xd, p)
         (dxr,) = torch.autograd.grad(yr, xd, g)
         torch.testing.assert_close(dx[:, 0], dxr[:, 0])  # torch: d|x|/dx = 0 at 0
         # zero channel: the norm contributes nothing, dx = (g - mean g) / eps
@@ -138,26 +159,15 @@ def test_large_mean_numerics():
     x = torch.randn(64, 4, 8, 8, dtype=torch.float64) + 1e4
     for p in PS:
         y = bnext.lp_norm(x.float(), p, None, None, training=True)
-        yr = lp_norm_reference(x, p, None, None, None, None, None, True, 1e-5)
+        yr = lp_norm_oracle(x, p)
         torch.testing.assert_close(y.double(), yr, rtol=1e-3, atol=2e-7)
 
 
 def test_results_do_not_depend_on_thread_count():
     for layout in ("contiguous", "channels_last"):
         x = make_input((32, 16, 9, 9), torch.float32, layout).requires_grad_()
-        g = torch.randn_like(x)
         for p in PS:
-            outs = []
-            old = torch.get_num_threads()
-            try:
-                for n in (1, 2):
-                    torch.set_num_threads(n)
-                    y = bnext.lp_norm(x, p, None, None, training=True)
-                    outs.append((y, *torch.autograd.grad(y, x, g)))
-            finally:
-                torch.set_num_threads(old)
-            for a, b in zip(*outs):
-                assert torch.equal(a, b)
+            assert_fwd_bwd_thread_independent(lambda x: bnext.lp_norm(x, p, None, None, training=True), x)
 
 
 @pytest.mark.parametrize("p", PS)
@@ -165,11 +175,7 @@ def test_results_do_not_depend_on_thread_count():
                                           ((6, 4), "contiguous")])
 @pytest.mark.parametrize("training", [True, False])
 def test_opcheck(p, shape, layout, training):
-    C = shape[1]
-    x = make_input(shape, torch.float32, layout).requires_grad_()
-    w = torch.rand(C).add_(0.5).requires_grad_()
-    b = torch.randn(C).requires_grad_()
-    rm, rn = torch.randn(C), torch.rand(C) + 0.5
+    x, w, b, rm, rn = channel_inputs(shape, layout)
     torch.library.opcheck(ops.lp_norm_forward, (x, float(p), w, b, rm, rn, training, 1e-5))
     _, mean, norm, argmax = ops.lp_norm_forward(x, float(p), w, b, rm, rn, training, 1e-5)
     g = make_input(shape, torch.float32, layout)
@@ -184,16 +190,8 @@ def test_torch_compile_fullgraph():
     ref = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), bnn.LpNorm2d(8, 1), torch.nn.ReLU(),
                               torch.nn.Conv2d(8, 4, 3), bnn.LpNorm2d(4, math.inf))
     ref.load_state_dict(model.state_dict())
-    compiled = torch.compile(model, fullgraph=True)
-    x = torch.randn(4, 3, 8, 8)
-    y, yr = compiled(x), ref(x)
-    torch.testing.assert_close(y, yr, rtol=1e-4, atol=1e-4)
-    y.sum().backward()
-    yr.sum().backward()
-    torch.testing.assert_close(model[0].weight.grad, ref[0].weight.grad, rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(model[1].running_norm, ref[1].running_norm)
-    model.eval(), ref.eval()
-    torch.testing.assert_close(compiled(x), ref(x), rtol=1e-4, atol=1e-4)
+    assert_compiled_matches(model, ref, torch.randn(4, 3, 8, 8),
+                            lambda: [(model[1].running_norm, ref[1].running_norm, {})])
 
 
 def test_vmap_batching_rule_and_grad():
@@ -231,7 +229,7 @@ def test_module_state_and_modes():
     assert m2.running_mean is None and m2.weight is None
     m2.eval()
     x6 = torch.randn(6, 3)  # no running stats: batch statistics in eval too, as torch's BatchNorm
-    torch.testing.assert_close(m2(x6), lp_norm_reference(x6, 1, None, None, None, None, None, True, 1e-5))
+    torch.testing.assert_close(m2(x6), lp_norm_oracle(x6.double(), 1).float())
     with pytest.raises(ValueError, match="4D"):
         bnn.LpNorm2d(3, 2)(torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match="p must be"):
@@ -369,18 +367,16 @@ def test_short_runs_match_float64_oracle(p, shape, dtype, training):
     xd, wd, bd = [t.detach().double().requires_grad_() for t in (x, w, b)]
     if training:
         y = bnext.lp_norm(x, p, None, None, w, b, training=True)
-        yr = oracle_lp_norm(xd, p, wd, bd)
+        yr = lp_norm_oracle(xd, p, wd, bd)
     else:
         y = bnext.lp_norm(x, p, rm, rn, w, b, training=False)
-        view = [1, C] + [1] * (x.dim() - 2)
-        yr = (xd - rm.double().view(view)) / (rn.double().view(view) + 1e-5) * wd.view(view) + bd.view(view)
+        yr = lp_norm_oracle(xd, p, wd, bd, rm.double(), rn.double(), training=False)
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(y.double(), yr, rtol=rtol, atol=atol)
     g = torch.randn(shape, dtype=torch.float64)
     for name, a, r in zip(["input", "weight", "bias"], torch.autograd.grad(y, (x, w, b), g.to(dtype)),
                           torch.autograd.grad(yr, (xd, wd, bd), g)):
-        torch.testing.assert_close(a.double(), r, rtol=rtol * 10, atol=atol * 10 * max(1.0, r.abs().max().item()),
-                                   msg=lambda m: f"grad {name}: {m}")
+        assert_grads_close([a], [r], rtol * 10, atol * 10 * max(1.0, r.abs().max().item()), names=[name])
 
 
 @pytest.mark.parametrize("where", ["same-row", "same-column", "across-chunks"])
@@ -401,7 +397,7 @@ def test_linf_short_runs_first_argmax_at_ties(where):
     g = torch.randn_like(y)
     (dx,) = torch.autograd.grad(y, x, g)
     xd = x.detach().clone().requires_grad_()
-    (dxr,) = torch.autograd.grad(oracle_lp_norm(xd, math.inf, w, b), xd, g)
+    (dxr,) = torch.autograd.grad(lp_norm_oracle(xd, math.inf, w, b), xd, g)
     torch.testing.assert_close(dx, dxr, rtol=1e-12, atol=1e-12)
     # the norm's gradient reaches the first tied element only; the other gets the mean/affine part
     first, other = min(spots), max(spots)  # logical order of (n, c, h, w)
@@ -413,15 +409,5 @@ def test_linf_short_runs_first_argmax_at_ties(where):
 
 def test_short_runs_do_not_depend_on_thread_count_lp():
     x = (torch.randn(300, 24, 4, 4) * 3 + 2).requires_grad_()
-    g = torch.randn_like(x)
     for p in PS:
-        outs, old = [], torch.get_num_threads()
-        try:
-            for n in (1, 2):
-                torch.set_num_threads(n)
-                y = bnext.lp_norm(x, p, None, None, None, None, training=True)
-                outs.append((y, *torch.autograd.grad(y, x, g)))
-        finally:
-            torch.set_num_threads(old)
-        for a, b in zip(*outs):
-            assert torch.equal(a, b)
+        assert_fwd_bwd_thread_independent(lambda x: bnext.lp_norm(x, p, None, None, None, None, training=True), x)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import bnext
-from bnext.ops import _lp_norm_of, draw_seed, noisy_batch_norm_noise
+from bnext.ops import draw_seed, noisy_batch_norm_noise
+from test_lp_norm import channel_norm, lp_norm_oracle
 
 ops = torch.ops.bnext
 LAYOUTS = ["contiguous", "channels_last"]
@@ -100,18 +101,6 @@ def test_noisy_batch_norm_nonfinite_like_torch(value, lay):
         assert_same_nonfinite(a, r, name)
 
 
-def lp_ref(x, p, w, b, rm, rn, training, eps=1e-5):
-    """torch's own composition, with the kernel's arg-max rule for p = inf (the first maximal |x|;
-    torch.argmax treats NaN as the maximum)."""
-    view = [1, -1] + [1] * (x.dim() - 2)
-    if training:
-        mu = x.mean([0, 2, 3], keepdim=True)
-        n = _lp_norm_of(x, p, None)
-    else:
-        mu, n = rm.view(view), rn.view(view)
-    return (x - mu) / (n + eps) * w.view(view) + b.view(view)
-
-
 @pytest.mark.parametrize("lay", LAYOUTS)
 @pytest.mark.parametrize("value", VALUES, ids=IDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -121,7 +110,7 @@ def test_lp_norm_nonfinite_like_torch(value, lay, training, p):
     w, b = torch.rand(4) + 0.5, torch.randn(4)
     rm, rn = torch.randn(4), torch.rand(4) + 0.5
     pairs = run_both(lambda x, w, b: bnext.lp_norm(x, p, rm.clone(), rn.clone(), w, b, training, 0.1, 1e-5),
-                     lambda x, w, b: lp_ref(x, p, w, b, rm.double(), rn.double(), training), x, w, b)
+                     lambda x, w, b: lp_norm_oracle(x, p, w, b, rm.double(), rn.double(), training), x, w, b)
     for name, a, r in pairs:
         assert_same_nonfinite(a, r, name)
     if training:
@@ -365,7 +354,7 @@ def test_extreme_mean_noisy_batch_norm_fp32(lay):
 def test_extreme_mean_lp_norm_fp32(lay, p):
     def ref(x, w, b):
         xc = x - x.mean([0, 2, 3], keepdim=True)
-        n = _lp_norm_of(x, float(p), None).view(1, -1, 1, 1)
+        n = channel_norm(x, p).view(1, -1, 1, 1)
         return xc / (n + 1e-5) * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
 
     # b = 0: y = (x - mean) / N is ~1e-5, so its own relative accuracy is what is tested

@@ -32,7 +32,7 @@
 // The CUDA kernels draw a pair per thread (pair_noise). The CPU kernels draw 8 or 16
 // elements at once (csrc/cpu/noise_vec.h) with these same operations in the same order, unfused,
 // and a correctly rounded sqrt: bitwise equal to the functions below on every instruction set
-// (tests/test_noise_vec.py).
+// (tests/test_noisy_batch_norm.py).
 #include <math.h>
 #include <stdint.h>
 #include <string.h>

@@ -10,7 +10,7 @@
 //     of noise.h (no FMA contraction: the build uses -ffp-contract=off and every step here is a
 //     separate multiply or add), on IEEE single precision with round-to-nearest, and sqrt is the
 //     correctly rounded vsqrtps like sqrtf. So every lane is bitwise equal to the scalar
-//     definition (tests/native/noise_vec_check.cpp compares bits; tests/test_noise_vec.py runs every
+//     definition (tests/native/noise_vec_check.cpp compares bits; tests/test_noisy_batch_norm.py runs every
 //     instruction set through the ops); the CUDA kernels compile the same scalar code without FMA
 //     contraction or fast math, so they are bitwise equal too (noise.h).
 //   - consecutive indices (planar runs): one lane's pair fills two neighbouring outputs (the cos and

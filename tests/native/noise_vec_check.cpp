@@ -2,7 +2,7 @@
 // bitwise equal to the scalar definition (csrc/common/noise.h, one element at a time) over many
 // counters, strides and keys, including odd starts and blocks whose 64-bit element or pair counters
 // cross a multiple of 2^32 (the high-word paths no tensor in a test can reach).
-// Built and run by tests/test_noise_vec.py; prints "noise_vec: OK" and the lanes checked.
+// Built and run by tests/test_noisy_batch_norm.py; prints "noise_vec: OK" and the lanes checked.
 #include <cstdio>
 #include <cstring>
 #include <vector>

@@ -1,8 +1,9 @@
-"""The cost of synchronizing BatchNorm across processes: 2 gloo processes on this machine (CPU loopback),
-training-mode BatchNorm2d forward + backward on each rank's batch, synchronized (bnext.distributed:
-one all_gather in forward, one all_reduce in backward) vs local (each rank alone, no collectives).
+"""The cost of synchronizing BatchNorm across processes: 2 gloo processes on this machine (CPU
+loopback), training-mode BatchNorm2d forward + backward on each rank's batch, synchronized
+(bnext.distributed and the sync ops: one all_gather in forward, one all_reduce in backward) vs local
+(each rank alone, no collectives).
 
-    pytest benchmarks/bench_distributed.py --benchmark-only
+    pytest benchmarks/bench_sync.py --benchmark-only
 
 The pytest process is rank 0 and is the one timed; rank 1 is a helper process started by the module
 fixture that runs the same steps at the same time (told what to run through broadcast_object_list),
@@ -82,15 +83,15 @@ def two_ranks():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def bench_distributed(benchmark, two_ranks, shape, variant):
+def bench_sync(benchmark, two_ranks, shape, variant):
     steps = WARMUP + 1 + ROUNDS  # = what rank 0 runs below: warm-up, pedantic's warm-up round, rounds
     dist.broadcast_object_list([(variant, shape, steps)], src=0)
     step = make_step(variant, shape, 0)
     dist.barrier()
     for _ in range(WARMUP):
         step()
-    benchmark.group = f"distributed bn fwd_bwd {'x'.join(map(str, shape))} per rank, {WORLD} gloo ranks"
+    benchmark.group = f"sync bn fwd_bwd {'x'.join(map(str, shape))} per rank, {WORLD} gloo ranks"
     benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     dist.barrier()
-    benchmark.extra_info.update(bench="distributed", impl=variant, op="fwd_bwd", shape=list(shape), world=WORLD,
+    benchmark.extra_info.update(bench="sync", impl=variant, op="fwd_bwd", shape=list(shape), world=WORLD,
                                 backend="gloo", threads_per_rank=1, dtype="torch.float32")
