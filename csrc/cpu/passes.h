@@ -285,30 +285,24 @@ void affine_pass(const scalar_t* xp, scalar_t* yp, const Geometry& g, const Chan
 // (g = dy * s with s regenerated from the seed), l_p (dx = (g - mean_dy - q * dir(x)) * coeff).
 // ---------------------------------------------------------------------------------------------
 
-// bn_masked_grad for the interleaved loops, as a bitwise AND of dy with the ReLU's mask: the same
-// values (+0 where y <= 0, dy elsewhere, dy where y is NaN), but written as a select GCC folds it
-// into an AVX-512 masked load of dy that waits for x's arithmetic. Measured on the channels-last
-// training backward with ReLU (128x64x32x32 fp32, 1 thread): 10.3 -> 8.8 ms (6.1 ms without ReLU;
-// GCC still emits a masked load in the sums pass, the dx pass no longer does; staging dy in an L1
-// tile first made no difference).
-template <typename acc_t>
-inline acc_t relu_masked_grad(acc_t dy, acc_t x, const ChannelAffine<acc_t>& a) {
-  using bits_t = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
-  const acc_t y = centred(x, a.mean, a.mean_lo) * a.scale + a.shift;
-  const bits_t keep = y <= acc_t(0) ? bits_t(0) : ~bits_t(0);
-  return __builtin_bit_cast(acc_t, __builtin_bit_cast(bits_t, dy) & keep);
-}
-
+// g = dy masked by the fused ReLU (RELU), the CPU loops' form of bn_masked_grad: the same values (+0
+// where y <= 0, dy elsewhere, dy where y is NaN), written as a bitwise AND of dy with the mask. As a
+// select, GCC folded it into an AVX-512 masked load of dy that waits for x's arithmetic (channels-last
+// training backward with ReLU, 128x64x32x32 fp32, 1 thread: 10.3 -> 8.8 ms; 6.1 ms without ReLU). GCC
+// still emits a masked load in some loops; see staged_dy for the planar ones.
 template <typename acc_t, bool RELU>
-inline acc_t masked_grad_rows(acc_t dy, acc_t x, const ChannelAffine<acc_t>& a) {
+inline acc_t masked_grad(acc_t dy, acc_t x, const ChannelAffine<acc_t>& a) {
   if constexpr (RELU) {
-    return relu_masked_grad(dy, x, a);
+    using bits_t = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
+    const acc_t y = centred(x, a.mean, a.mean_lo) * a.scale + a.shift;
+    const bits_t keep = y <= acc_t(0) ? bits_t(0) : ~bits_t(0);
+    return __builtin_bit_cast(acc_t, __builtin_bit_cast(bits_t, dy) & keep);
   } else {
     return dy;
   }
 }
 
-// With the fused ReLU, GCC turns relu_masked_grad's AND into a masked load of dy, which cannot issue
+// With the fused ReLU, GCC turns masked_grad's AND into a masked load of dy, which cannot issue
 // before x's arithmetic has made the mask; from memory, that serializes the two streams (the planar
 // training backward with ReLU took 3x the time of the one without). Copying the segment's dy to an
 // L1 buffer first streams it with plain loads, and the masked loads then hit L1 (planar training
@@ -331,7 +325,7 @@ void grad_sums_segment(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int6
   dy = staged_dy<RELU>(dy, len, dy_buffer);
   auto body = [&](int64_t i, int64_t j) {
     const acc_t xv = to_acc<acc_t>(x[i]);
-    const acc_t gv = masked_grad_rows<acc_t, RELU>(to_acc<acc_t>(dy[i]), xv, a);
+    const acc_t gv = masked_grad<acc_t, RELU>(to_acc<acc_t>(dy[i]), xv, a);
     p_dy[j] += gv;
     p_dy_xc[j] += gv * (xv - a.mean);
     p_xc[j] += xv - a.mean;
@@ -360,7 +354,7 @@ void interleaved_grad_sums(const scalar_t* dy, const scalar_t* x, scalar_t* dx, 
     for (int64_t c = 0; c < C; ++c) {
       const ChannelAffine<acc_t> a{mean[c], scale[c], shift[c], lo[c]};
       const acc_t xv = to_acc<acc_t>(x[off + c]);
-      const acc_t gv = masked_grad_rows<acc_t, RELU>(to_acc<acc_t>(dy[off + c]), xv, a);
+      const acc_t gv = masked_grad<acc_t, RELU>(to_acc<acc_t>(dy[off + c]), xv, a);
       s_dy[c] += gv;
       s_dy_xc[c] += gv * (xv - mean[c]);
       s_xc[c] += xv - mean[c];
@@ -442,7 +436,7 @@ struct BatchNormBackward : BackwardCommon<acc_t> {
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
       const acc_t xv = to_acc<acc_t>(x[i]);
-      const acc_t gv = masked_grad_rows<acc_t, RELU>(to_acc<acc_t>(dy[i]), xv, a);
+      const acc_t gv = masked_grad<acc_t, RELU>(to_acc<acc_t>(dy[i]), xv, a);
       out[i] = from_acc<scalar_t>(bn_backward_train_value(gv, xv, k));
     }
   }
@@ -458,7 +452,7 @@ struct BatchNormBackward : BackwardCommon<acc_t> {
         const ChannelAffine<acc_t> af{mean[c], scale[c], shift[c], mlo[c]};
         const ChannelBackward<acc_t> k{mean[c], mdy[c], pj[c], scale[c], lo[c]};
         const acc_t xv = to_acc<acc_t>(x[off + c]);
-        const acc_t gv = masked_grad_rows<acc_t, RELU>(to_acc<acc_t>(dy[off + c]), xv, af);
+        const acc_t gv = masked_grad<acc_t, RELU>(to_acc<acc_t>(dy[off + c]), xv, af);
         out[off + c] = from_acc<scalar_t>(bn_backward_train_value(gv, xv, k));
       }
     }
