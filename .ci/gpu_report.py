@@ -2,7 +2,9 @@
 """The report of .ci/gpu_check.sh: OUTDIR/results.json (the record) and OUTDIR/summary.md (its
 rendering), rewritten after every step so that a run cut off midway still leaves what it found.
 
-    gpu_report.py OUTDIR init [--no-gpu REASON]     start a record (machine, torch, time)
+    gpu_report.py OUTDIR init [--no-gpu REASON | --dry-run REASON]
+                                                    start a record (machine, torch, time); a dry run
+                                                    (gpu_check.sh --dry-run) is marked as such
     gpu_report.py OUTDIR step NAME STATUS SECONDS LOG [NOTE]
                                                     add a step (STATUS: passed, failed, timeout, skipped)
     gpu_report.py OUTDIR finish                     fold OUTDIR/bench.json in, check the targets
@@ -132,6 +134,9 @@ def render(record):
     if record.get("no_gpu"):
         lines += [f"- **no GPU**: {record['no_gpu']}; nothing was built or run", ""]
         return "\n".join(lines) + "\n"
+    if record.get("dry_run"):
+        lines.append(f"- **dry run without a GPU** ({record['dry_run']}): the CUDA tests were collected and "
+                     "skipped, the benchmarks ran on the CPU at small sizes; nothing here measures a GPU")
     verdict = record.get("verdict", "running (or cut off)")
     lines += [f"- verdict: **{verdict}**", ""]
     steps = record.get("steps", [])
@@ -176,8 +181,10 @@ def cmd_init(outdir, args):
     if args[:1] == ["--no-gpu"]:
         record["no_gpu"] = " ".join(args[1:]) or "no GPU"
         record["verdict"] = "no GPU"
+    elif args[:1] == ["--dry-run"]:
+        record["dry_run"] = " ".join(args[1:]) or "no GPU"
     elif args:
-        raise SystemExit(f"gpu_report: init takes no arguments but --no-gpu REASON, got {args}")
+        raise SystemExit(f"gpu_report: init takes no arguments but --no-gpu REASON or --dry-run REASON, got {args}")
     save(outdir, record)
 
 
@@ -206,7 +213,8 @@ def cmd_finish(outdir, args):
             record["bench"] = json.load(f)
         record["targets"] = check_targets(record["bench"])
     failed = [s["name"] for s in record["steps"] if s["status"] != "passed"]
-    record["verdict"] = "all steps passed" if not failed else "FAILED: " + ", ".join(failed)
+    record["verdict"] = ("dry run: " if record.get("dry_run") else "") + (
+        "all steps passed" if not failed else "FAILED: " + ", ".join(failed))
     record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     save(outdir, record)
 

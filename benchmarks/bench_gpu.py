@@ -13,7 +13,10 @@
   line probe bnext.landscape.line_probe, batched (vmap) vs sequential, VGG-16 width 1
   grad_stats bnext.grad_stats on the VGG parameter list vs torch._foreach_norm of the differences
 
-    python benchmarks/bench_gpu.py --json OUT.json [--quick] [--compile-all]
+    python benchmarks/bench_gpu.py --json OUT.json [--quick] [--compile-all] [--dry-run]
+
+--dry-run runs the same code on the CPU at small sizes with a wall clock (no GPU needed): it proves
+the script before a GPU lease (.ci/gpu_check.sh --dry-run); its numbers measure nothing.
 
 Under pytest (benchmarks/pytest.ini collects bench_*), bench_gpu_quick runs --quick and is skipped
 without CUDA.
@@ -43,12 +46,20 @@ COMPILE_CASES = {("bn", (128, 64, 32, 32), d, l) for d in ("fp32", "bf16") for l
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = ("nchw", "channels_last")
 TRANSFERS = {"fwd": 3, "fwd+bwd": 8}
-DEVICE = "cuda"  # a module global so that the code paths can be dry-run on the CPU (tests do not; a developer may)
+DEVICE = "cuda"  # "cpu" under --dry-run
+BATCH = 128  # the VGG batch; --dry-run uses a small one
+WIDTH = 1.0  # the VGG width; --dry-run uses 1/8 (the CPU would take minutes at width 1)
 PAPER_NOISE = dict(noise_mean=0.5, noise_std=1.25, noise_mean_spread=0.1, noise_std_spread=0.1)
 
 
 def cuda_time_ms(fn, reps, rounds=5, warmup=3):
-    """Median over `rounds` of (CUDA-event time of `reps` calls) / reps, after `warmup` calls."""
+    """Median over `rounds` of (CUDA-event time of `reps` calls) / reps, after `warmup` calls (on the
+    CPU of a dry run: wall-clock time of one round of one call)."""
+    if DEVICE != "cuda":
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -112,6 +123,7 @@ def bench_ops(quick, rows, errors, save, compiled):
     """Every case with bnext and torch eager (compiled=False), or the torch.compile subset
     (compiled=True: one compile per case, so few cases unless --compile-all)."""
     shapes = VGG_SHAPES[:1] if quick else VGG_SHAPES + EXTRA_SHAPES
+    shapes = [(min(n, BATCH),) + tuple(rest) for n, *rest in shapes]
     groups = ["bn", "noisy_bn"] if quick else ["bn", "bn_relu", "noisy_bn", "lp_norm_p2", "lp_norm_pinf"]
     dtypes = {"fp32": torch.float32} if quick else DTYPES
     for group in groups:
@@ -156,13 +168,13 @@ def bench_case(group, shape, dname, dtype, layout, rows, compiled):
 def vgg_pair(device):
     from bnext.experiments.models import build_vgg
     torch.manual_seed(0)
-    return build_vgg("bn", 1.0).to(device), build_vgg("torch", 1.0).to(device)
+    return build_vgg("bn", WIDTH).to(device), build_vgg("torch", WIDTH).to(device)
 
 
 def bench_training_step(quick, out):
     models = dict(zip(("bnext", "torch"), vgg_pair(DEVICE)))
-    x = torch.randn(128, 3, 32, 32, device=DEVICE)
-    y = torch.randint(0, 10, (128,), device=DEVICE)
+    x = torch.randn(BATCH, 3, 32, 32, device=DEVICE)
+    y = torch.randint(0, 10, (BATCH,), device=DEVICE)
     for name, model in models.items():
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
@@ -171,7 +183,7 @@ def bench_training_step(quick, out):
             F.cross_entropy(model(x), y).backward()
             opt.step()
         out[f"{name}_ms"] = round(cuda_time_ms(step, reps=3 if quick else 10, rounds=3), 4)
-    out["case"] = "VGG-16 width 1, batch 128, fp32 NCHW, SGD"
+    out["case"] = f"VGG-16 width {WIDTH:g}, batch {BATCH}, fp32 NCHW, SGD"
 
 
 def _xent(model, batch):
@@ -183,7 +195,7 @@ def bench_line_probe(quick, out):
     from bnext.landscape import line_probe
     model, _ = vgg_pair(DEVICE)
     model.train()
-    batch = (torch.randn(128, 3, 32, 32, device=DEVICE), torch.randint(0, 10, (128,), device=DEVICE))
+    batch = (torch.randn(BATCH, 3, 32, 32, device=DEVICE), torch.randint(0, 10, (BATCH,), device=DEVICE))
     etas = [0.05 * (k + 1) for k in range(4 if quick else 8)]
     for mode in ("batched", "sequential"):
         probe = lambda: line_probe(model, _xent, batch, etas, mode=mode)  # noqa: E731
@@ -191,7 +203,7 @@ def bench_line_probe(quick, out):
         if mode == "batched" and not result.batched:
             raise RuntimeError(f"line_probe fell back to sequential: {result.fallback_reason}")
         out[f"{mode}_ms"] = round(cuda_time_ms(probe, reps=1, rounds=3, warmup=1), 3)
-    out["case"] = f"VGG-16 width 1, batch 128, {len(etas)} step sizes"
+    out["case"] = f"VGG-16 width {WIDTH:g}, batch {BATCH}, {len(etas)} step sizes"
 
 
 def bench_grad_stats(quick, out):
@@ -201,14 +213,15 @@ def bench_grad_stats(quick, out):
     out["bnext_ms"] = round(cuda_time_ms(lambda: bnext.grad_stats(a, b), reps=20), 4)
     out["foreach_norm_ms"] = round(cuda_time_ms(
         lambda: torch._foreach_norm(torch._foreach_sub(a, b)), reps=20), 4)
-    out["case"] = f"VGG-16 width 1 parameters ({len(a)} tensors, {sum(t.numel() for t in a)} values)"
+    out["case"] = f"VGG-16 width {WIDTH:g} parameters ({len(a)} tensors, {sum(t.numel() for t in a)} values)"
 
 
 def run(path, quick=False, compile_all=False):
     """Runs everything, rewriting the JSON at `path` after every case (a run cut off by its caller
     still leaves what it measured); torch.compile comes last, being the slowest to set up."""
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "bnext": bnext.build_info(),
-              "quick": quick, "rows": [], "errors": [], "complete": False}
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else f"{DEVICE} (dry run: timings measure nothing)"
+    result = {"device": device, "torch": torch.__version__, "bnext": bnext.build_info(),
+              "quick": quick, "dry_run": DEVICE != "cuda", "rows": [], "errors": [], "complete": False}
     t0 = time.time()
 
     def save():
@@ -217,7 +230,7 @@ def run(path, quick=False, compile_all=False):
             json.dump(result, f, indent=1)
         os.replace(path + ".tmp", path)
 
-    result["copy_gbps"] = copy_gbps(1 << 26 if quick else 1 << 28)
+    result["copy_gbps"] = copy_gbps(1 << 20 if DEVICE != "cuda" else 1 << 26 if quick else 1 << 28)
     bench_ops(quick, result["rows"], result["errors"], save, compiled=False)
     for name, fn in (("training_step", bench_training_step), ("line_probe", bench_line_probe),
                      ("grad_stats", bench_grad_stats)):
@@ -241,8 +254,12 @@ def main(argv=None):
     parser.add_argument("--json", required=True, help="where to write the results")
     parser.add_argument("--quick", action="store_true", help="one shape, fp32, BN and noisy BN only")
     parser.add_argument("--compile-all", action="store_true", help="torch.compile every case (slow: one compile each)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run the code on the CPU at small sizes (checks the script; measures nothing)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    global DEVICE, BATCH, WIDTH
+    DEVICE, BATCH, WIDTH = ("cpu", 4, 0.125) if args.dry_run else ("cuda", 128, 1.0)
+    if not args.dry_run and not torch.cuda.is_available():
         print("bench_gpu: no GPU (torch.cuda.is_available() is False); nothing was run", file=sys.stderr)
         return 2
     result = run(args.json, args.quick, args.compile_all)

@@ -140,3 +140,54 @@ def test_bn_target_ratio_and_missing_baseline():
     checks = mod.check_targets({"rows": slow})
     assert [c["met"] for c in checks] == [False]  # 1.2x slower; no copy bandwidth: no bandwidth check
     assert mod.check_targets({"rows": slow[:1]}) == []  # no baseline, nothing to compare
+
+
+def test_script_is_executable():
+    # The README says `.ci/gpu_check.sh OUTDIR`: that needs the run bit, in the checkout and in git.
+    assert os.access(SCRIPT, os.X_OK), f"{SCRIPT} is not executable"
+    if shutil.which("git") and (ROOT / ".git").exists():
+        line = subprocess.run(["git", "ls-files", "-s", ".ci/gpu_check.sh"], cwd=ROOT, capture_output=True,
+                              text=True).stdout
+        assert not line or line.startswith("100755"), line
+
+
+def test_step_limits_fit_the_budget_and_one_device_command():
+    # The device tool allows 600 s per command and 900 s per lease (start included): the default budget
+    # is the sum of the step limits, so no step is skipped for lack of time when each keeps to its limit,
+    # and it leaves room for the machine's start and one rerun.
+    text = SCRIPT.read_text()
+    import re
+    budget = int(re.search(r'BUDGET="\$\{BNEXT_GPU_CHECK_BUDGET:-(\d+)\}"', text).group(1))
+    limits = dict(re.findall(r"(LIMIT_[A-Z_]+)=(\d+)", text))
+    used = set(re.findall(r'run_step \w[\w-]* "\$(LIMIT_[A-Z_]+)"', text))
+    assert used == set(limits), (used, limits)  # every step has a named limit and every limit is used
+    assert sum(int(v) for v in limits.values()) == budget
+    assert budget <= 480
+    # the slow steps come last: a cut-off run still has the build, the tests and the benchmarks
+    order = [m for m in re.findall(r'run_step (\w[\w-]*)', text) if m != "NAME"]
+    assert order.index("sanitizer") > order.index("bench") > order.index("tests-existing")
+
+
+def test_dry_run_runs_every_step_without_a_gpu(tmp_path):
+    # Everything but the GPU: the test steps collect (and skip) the CUDA files, the benchmark code runs on
+    # the CPU at small sizes, the sanitizer subset is collected. --no-build reuses this tree's build.
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: run the real check")
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable,
+               PATH=fake_bin(tmp_path, 1) + os.pathsep + os.environ.get("PATH", ""))
+    r = subprocess.run(["bash", str(SCRIPT), str(out), "--dry-run", "--no-build"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=400)
+    record = json.loads((out / "results.json").read_text())
+    assert r.returncode == 0, (r.stderr, (out / "summary.md").read_text())
+    assert [s["name"] for s in record["steps"]] == ["tests-new", "tests-existing", "bench", "sanitizer"]
+    assert all(s["status"] == "passed" for s in record["steps"])
+    assert record["verdict"] == "dry run: all steps passed"
+    bench = record["bench"]
+    assert bench["dry_run"] and bench["complete"] and not bench["errors"]
+    assert {(r["group"], r["impl"]) for r in bench["rows"]} >= {("bn", "bnext"), ("bn", "torch"),
+                                                                ("noisy_bn", "bnext")}
+    assert bench["training_step"] and bench["line_probe"] and bench["grad_stats"]
+    assert "dry run without a GPU" in (out / "summary.md").read_text()
+    assert "1 test collected" in (out / "sanitizer.log").read_text()
