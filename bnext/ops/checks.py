@@ -20,6 +20,26 @@ def _is_batched(*tensors) -> bool:
     return False
 
 
+# Whether the loaded extension registered CUDA kernels (setup.py builds CPU-only ones when torch or
+# nvcc lacks CUDA). Without them a CUDA tensor would reach the dispatcher's "Could not run
+# 'bnext::...' with arguments from the 'CUDA' backend"; check_cuda_built says why and how to rebuild.
+_CUDA_BUILT = torch._C._dispatch_has_kernel_for_dispatch_key("bnext::batch_norm_forward", "CUDA")
+
+
+def check_cuda_built(op: str, input: Tensor):
+    """Raises a RuntimeError naming the fix when `input` is a CUDA tensor and this bnext was built
+    without CUDA kernels. Cost on a CUDA build: one global lookup."""
+    if _CUDA_BUILT or not input.is_cuda:
+        return
+    from .. import _build_config
+    reason = getattr(_build_config, "CUDA_REASON", "unknown")
+    raise RuntimeError(
+        f"{op}: input is on {input.device} but this bnext was built without CUDA kernels ({reason}). "
+        "Rebuild it with them, with nvcc of torch's CUDA major version on CUDA_HOME:\n"
+        "    BNEXT_CUDA=1 pip install --no-build-isolation --no-deps --force-reinstall <bnext source dir or sdist>\n"
+        "(add -e for an editable checkout); `pip install -v` shows which kernels the build made.")
+
+
 _INPUT_DTYPES = frozenset((torch.float64, torch.float32, torch.float16, torch.bfloat16))
 _REDUCED_DTYPES = frozenset((torch.float16, torch.bfloat16))
 
@@ -34,6 +54,7 @@ def check_input_tensor(op: str, input):
                          f"got a {input.dim()}-d tensor of shape {tuple(input.shape)}")
     if input.dtype not in _INPUT_DTYPES:
         raise TypeError(f"{op}: input must be float64, float32, float16 or bfloat16, got {input.dtype}")
+    check_cuda_built(op, input)
 
 
 def check_norm_args(op: str, input, channel_args: dict, eps, momentum):
