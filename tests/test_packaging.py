@@ -331,3 +331,23 @@ def test_wheel_from_sdist_installs_offline(sdist, tmp_path):
     assert res.returncode != 0
     assert "built against torch 2.12.0" in res.stderr and "pip install torch==2.12.0 " in res.stderr
     assert " -e " not in res.stderr
+
+
+def test_raw_ops_of_a_cpu_only_build_explain_themselves():
+    """Every bnext op of a CPU-only build has a CUDA kernel that raises the bnext error (the raw ops and
+    those without an input check, grad_stats and multi_axpy among them). Run here by redispatching to
+    the CUDA key, which reaches that kernel without a GPU."""
+    import bnext
+    from bnext.ops import checks
+    if bnext.build_info()["cuda"]:
+        pytest.skip("a CUDA build has real CUDA kernels")
+    names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("bnext::"))
+    assert "bnext::grad_stats" in names and "bnext::batch_norm_forward" in names
+    for name in names:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
+    cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    x = torch.randn(4, 3, 2)
+    with pytest.raises(RuntimeError, match=r"bnext.batch_norm_forward: input is on cpu but this bnext was built "
+                                           r"without CUDA kernels .*BNEXT_CUDA=1 pip install"):
+        torch.ops.bnext.batch_norm_forward.default.redispatch(cuda, x, None, None, None, None, True, 1e-5, False)
+    assert checks._CUDA_BUILT is False
