@@ -57,8 +57,12 @@ def _cuda_kernel_that_explains(name: str):
 _cuda_error_library = None
 if not _CUDA_BUILT:
     _cuda_error_library = torch.library.Library("bnext", "IMPL")
-    for _op in sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("bnext::")):
-        _cuda_error_library.impl(_op, _cuda_kernel_that_explains(_op.split(".")[0]), "CUDA")
+    # the ops with a CPU kernel of csrc/ (a CUDA build has a CUDA one beside it); the composites
+    # (CompositeImplicitAutograd, torch ops only) keep working on any device
+    for _name in sorted(torch._C._dispatch_get_all_op_names()):
+        if _name.startswith("bnext::") and torch._C._dispatch_has_kernel_for_dispatch_key(_name, "CPU"):
+            _op = _name.split("::", 1)[1]
+            _cuda_error_library.impl(_op, _cuda_kernel_that_explains(_op.split(".")[0]), "CUDA")
 
 
 _INPUT_DTYPES = frozenset((torch.float64, torch.float32, torch.float16, torch.bfloat16))
