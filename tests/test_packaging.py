@@ -353,3 +353,35 @@ def test_raw_ops_of_a_cpu_only_build_explain_themselves():
                                            r"without CUDA kernels .*BNEXT_CUDA=1 pip install"):
         torch.ops.bnext.batch_norm_forward.default.redispatch(cuda, x, None, None, None, None, True, 1e-5, False)
     assert checks._CUDA_BUILT is False
+
+
+@pytest.mark.parametrize("debug", ["0", "1"])
+@pytest.mark.parametrize("cuda", [False, True])
+def test_configure_sets_the_extension_for_the_kernels_it_decided(setup_module_, monkeypatch, cuda, debug):
+    """configure() fills the placeholder extension setuptools finalized: the CUDA sources, libraries and
+    nvcc flags only for a CUDA build, debug info only with BNEXT_DEBUG=1 (a CUDA build runs on the GPU
+    machine only; this checks what it would be given)."""
+    from setuptools import Extension
+    from torch.utils import cpp_extension
+    if cuda and cpp_extension.CUDA_HOME is None:
+        pytest.skip("CUDAExtension needs a CUDA toolkit (CUDA_HOME) to name its libraries")
+    monkeypatch.setattr(setup_module_, "decide_cuda", lambda *a: (cuda, "decided by the test"))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    monkeypatch.setenv("BNEXT_DEBUG", debug)
+    monkeypatch.chdir(ROOT)   # setup.py globs csrc/ relative to the tree, as pip runs it
+    ext = Extension("bnext._C", ["placeholder.cpp"])
+    ext._full_name = "bnext._C"   # what setuptools' finalize_options adds: must survive
+    config = setup_module_.configure(ext)
+    assert ext._full_name == "bnext._C"
+    assert config["CUDA"] is cuda and config["CUDA_REASON"] == "decided by the test"
+    assert config["DEBUG"] is (debug == "1")
+    assert "csrc/registration.cpp" in ext.sources
+    assert any(s.endswith(".cu") for s in ext.sources) is cuda
+    assert ("c10_cuda" in ext.libraries) is cuda
+    assert (("BNEXT_WITH_CUDA", None) in ext.define_macros) is cuda
+    flags = ext.extra_compile_args
+    assert ("nvcc" in flags) is cuda and "-ffp-contract=off" in flags["cxx"]
+    assert flags["cxx"][-1] == ("-g" if debug == "1" else "-g0")   # last, so it overrides Python's -g
+    assert ("-s" in ext.extra_link_args) is (debug != "1")
+    if cuda:
+        assert "--fmad=false" in flags["nvcc"] and ("-lineinfo" in flags["nvcc"]) is (debug == "1")
