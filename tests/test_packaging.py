@@ -7,6 +7,7 @@ Cost: the tests here take seconds (the sdist is built without compiling anything
 test_wheel_from_sdist_installs_offline, which compiles the extension once more (minutes on 2 cores)
 and therefore runs only with BNEXT_TEST_PACKAGING=1: `.ci/run` runs it as its own step after the
 README's test line."""
+import glob
 import importlib.util
 import os
 import pathlib
@@ -364,7 +365,11 @@ def test_configure_sets_the_extension_for_the_kernels_it_decided(setup_module_, 
     from setuptools import Extension
     from torch.utils import cpp_extension
     if cuda and cpp_extension.CUDA_HOME is None:
-        pytest.skip("CUDAExtension needs a CUDA toolkit (CUDA_HOME) to name its libraries")
+        # a CPU torch leaves CUDA_HOME unset even where a toolkit is installed: point it at one
+        nvcc = shutil.which("nvcc") or next(iter(sorted(glob.glob("/usr/local/cuda*/bin/nvcc"))), None)
+        if nvcc is None:
+            pytest.skip("CUDAExtension needs a CUDA toolkit (CUDA_HOME) to name its libraries")
+        monkeypatch.setattr(cpp_extension, "CUDA_HOME", os.path.dirname(os.path.dirname(nvcc)))
     monkeypatch.setattr(setup_module_, "decide_cuda", lambda *a: (cuda, "decided by the test"))
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
     monkeypatch.setenv("BNEXT_DEBUG", debug)
