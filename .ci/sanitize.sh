@@ -10,7 +10,7 @@ git -C "$src" ls-files -z --cached --others --exclude-standard | (cd "$src" && x
 cd "$work"
 san="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g"
 echo "sanitize: building the CPU extension with $san" >&2
-CFLAGS="$san" CXXFLAGS="$san" LDFLAGS="$san" BNEXT_CUDA=0 python setup.py -q build_ext --inplace >/dev/null
+BNEXT_DEBUG=1 CFLAGS="$san" CXXFLAGS="$san" LDFLAGS="$san" BNEXT_CUDA=0 python setup.py -q build_ext --inplace >/dev/null
 asan_lib="$(gcc -print-file-name=libasan.so)"
 ubsan_lib="$(gcc -print-file-name=libubsan.so)"
 tests=("$@")

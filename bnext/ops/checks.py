@@ -20,6 +20,51 @@ def _is_batched(*tensors) -> bool:
     return False
 
 
+# Whether the loaded extension registered CUDA kernels (setup.py builds CPU-only ones when torch or
+# nvcc lacks CUDA). Without them a CUDA tensor would reach the dispatcher's "Could not run
+# 'bnext::...' with arguments from the 'CUDA' backend"; check_cuda_built says why and how to rebuild.
+_CUDA_BUILT = torch._C._dispatch_has_kernel_for_dispatch_key("bnext::batch_norm_forward", "CUDA")
+
+
+def _no_cuda_kernels_message(op: str, device) -> str:
+    from .. import _build_config
+    reason = getattr(_build_config, "CUDA_REASON", "unknown")
+    return (f"{op}: input is on {device} but this bnext was built without CUDA kernels ({reason}). "
+            "Rebuild it with them, with nvcc of torch's CUDA major version on CUDA_HOME:\n"
+            "    BNEXT_CUDA=1 pip install --no-build-isolation --no-deps --force-reinstall <bnext source dir or sdist>\n"
+            "(add -e for an editable checkout); `pip install -v` shows which kernels the build made.")
+
+
+def check_cuda_built(op: str, input: Tensor):
+    """Raises a RuntimeError naming the fix when `input` is a CUDA tensor and this bnext was built
+    without CUDA kernels. Cost on a CUDA build: one global lookup."""
+    if _CUDA_BUILT or not input.is_cuda:
+        return
+    raise RuntimeError(_no_cuda_kernels_message(op, input.device))
+
+
+def _cuda_kernel_that_explains(name: str):
+    """The CUDA kernel a CPU-only build registers for op `name`, so that the raw torch.ops.bnext.* ops
+    and the ops without check_cuda_built (grad_stats, multi_axpy, ...) raise its error rather than
+    the dispatcher's."""
+    def kernel(*args, **kwargs):
+        flat = [*args, *kwargs.values(), *[u for a in args if isinstance(a, (list, tuple)) for u in a]]
+        device = next((t.device for t in flat if isinstance(t, Tensor)), "cuda")
+        raise RuntimeError(_no_cuda_kernels_message(f"bnext.{name}", device))
+    return kernel
+
+
+_cuda_error_library = None
+if not _CUDA_BUILT:
+    _cuda_error_library = torch.library.Library("bnext", "IMPL")
+    # the ops with a CPU kernel of csrc/ (a CUDA build has a CUDA one beside it); the composites
+    # (CompositeImplicitAutograd, torch ops only) keep working on any device
+    for _name in sorted(torch._C._dispatch_get_all_op_names()):
+        if _name.startswith("bnext::") and torch._C._dispatch_has_kernel_for_dispatch_key(_name, "CPU"):
+            _op = _name.split("::", 1)[1]
+            _cuda_error_library.impl(_op, _cuda_kernel_that_explains(_op.split(".")[0]), "CUDA")
+
+
 _INPUT_DTYPES = frozenset((torch.float64, torch.float32, torch.float16, torch.bfloat16))
 _REDUCED_DTYPES = frozenset((torch.float16, torch.bfloat16))
 
@@ -34,6 +79,7 @@ def check_input_tensor(op: str, input):
                          f"got a {input.dim()}-d tensor of shape {tuple(input.shape)}")
     if input.dtype not in _INPUT_DTYPES:
         raise TypeError(f"{op}: input must be float64, float32, float16 or bfloat16, got {input.dtype}")
+    check_cuda_built(op, input)
 
 
 def check_norm_args(op: str, input, channel_args: dict, eps, momentum):
