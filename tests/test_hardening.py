@@ -159,7 +159,9 @@ def test_regression_raw_lp_norm_backward_validates_argmax_positions():
     _, mean, norm, argmax = ops.lp_norm_forward(x, math.inf, w, b, None, None, True, 1e-5)
     assert argmax.tolist() == [15, 15, 15]
     for ok in (-1, 15):
-        got = ops.lp_norm_backward(g, x, math.inf, w, b, mean, norm, torch.full((3,), ok, dtype=torch.long), True, 1e-5)
+        dx, sum_dy, sum_dy_xhat = ops.lp_norm_backward(g, x, math.inf, w, b, mean, norm,
+                                                       torch.full((3,), ok, dtype=torch.long), True, 1e-5)
+        got = (dx, sum_dy_xhat, sum_dy)  # the input, weight and bias gradients
         xd, wd, bd = (t.clone().requires_grad_() for t in (x, w, b))
         if ok == 15:
             y = lp_norm_oracle(xd, math.inf, wd, bd, argmax=torch.full((3,), 15))

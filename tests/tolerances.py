@@ -47,7 +47,7 @@ def bound(ref, out_dtype, input_dtype=None, n=1):
     eps_out = torch.finfo(out_dtype).eps
     eps_acc = torch.finfo(acc_dtype(input_dtype or out_dtype)).eps
     scale = ref.square().mean().sqrt().item() if ref.numel() else 0.0
-    return K * (eps_out * ref.abs() + eps_acc * math.sqrt(n) * scale)
+    return K * (eps_out * ref.abs() + eps_acc * n * scale)
 
 
 def assert_rounding_close(got, ref, input_dtype=None, n=1, what="result"):
