@@ -1,6 +1,7 @@
 """Numerics of every op: NaN/inf propagate as in torch's reference compositions (forward and backward,
 compared as NaN/inf masks), statistics at |mean| = 1e4 * std in fp32, fp16/bf16 inputs whose sum
-of squares overflows fp16, and 64-bit indexing (a > 2^31-element BatchNorm, behind BNEXT_BIG=1)."""
+of squares overflows fp16, and 64-bit indexing (the statistics passes over > 2^31 elements by default; a
+> 2^31-element BatchNorm forward and backward behind BNEXT_BIG=1)."""
 import math
 import os
 import time
