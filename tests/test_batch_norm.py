@@ -11,6 +11,7 @@ from tolerances import assert_rounding_close, values_per_channel
 
 ops = torch.ops.bnext
 
+
 def reference(x, rm, rv, w, b, training, momentum, eps, relu):
     """torch.nn.functional.batch_norm in float64 (+ ReLU), on float64 copies."""
     d = lambda t: None if t is None else t.detach().double().requires_grad_(t.requires_grad)
