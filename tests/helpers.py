@@ -1,5 +1,6 @@
 """Small helpers the per-op test files share: inputs in each memory layout, runs at several torch
-thread counts, and the gradient comparison against a float64 reference."""
+thread counts, and torch.compile against eager. (The tolerance rule against float64 references is
+tests/tolerances.py.)"""
 import torch
 
 
@@ -51,12 +52,6 @@ def assert_fwd_bwd_thread_independent(fn, x, counts=(1, 2)):
     for other in others:
         for a, b in zip(first, other):
             assert torch.equal(a, b)
-
-
-def assert_grads_close(got, want, rtol, atol, names=("input", "weight", "bias")):
-    """Each gradient (any dtype) against its float64 reference, with its name in the message."""
-    for name, a, r in zip(names, got, want):
-        torch.testing.assert_close(a.double(), r, rtol=rtol, atol=atol, msg=lambda m: f"grad {name}: {m}")
 
 
 def assert_compiled_matches(model, ref, x, after_backward=lambda: ()):

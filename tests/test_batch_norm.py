@@ -6,14 +6,10 @@ import torch.nn.functional as F
 
 import bnext
 from bnext import nn as bnn
-from helpers import (assert_compiled_matches, assert_fwd_bwd_thread_independent, assert_grads_close,
-                     channel_inputs, make_input)
+from helpers import assert_compiled_matches, assert_fwd_bwd_thread_independent, channel_inputs, make_input
+from tolerances import assert_rounding_close, values_per_channel
 
 ops = torch.ops.bnext
-
-# Tolerances per dtype, against an fp64 reference computed from the same (rounded) inputs.
-TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4),
-       torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 5e-2)}
 
 
 def reference(x, rm, rv, w, b, training, momentum, eps, relu):
@@ -26,22 +22,22 @@ def reference(x, rm, rv, w, b, training, momentum, eps, relu):
     return (y.relu() if relu else y), xd, wd, bd, rmd, rvd
 
 
-def check_affine_case(x, rm, rv, w, b, training, relu, draw_grad, input_tol, param_tol, running_tol=None):
-    """bnext.batch_norm against the float64 reference: output to TOL[x.dtype], the running stats to
-    running_tol (when given), the input gradient to input_tol and the weight/bias ones to param_tol
-    (rtol, atol), for the upstream gradient draw_grad() in x's dtype."""
+def check_affine_case(x, rm, rv, w, b, training, relu, draw_grad, running_tol=None):
+    """bnext.batch_norm against the float64 reference from the same rounded inputs: the output and the
+    input, weight and bias gradients (upstream gradient draw_grad() in x's dtype) within the rounding
+    bound of tests/tolerances.py, the running stats to running_tol (when given)."""
     yr, xd, wd, bd, rmd, rvd = reference(x, rm, rv, w, b, training, 0.1, 1e-5, relu)
     y = bnext.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, "relu" if relu else None)
-    rtol, atol = TOL[x.dtype]
-    torch.testing.assert_close(y.double(), yr, rtol=rtol, atol=atol)
+    n = values_per_channel(x)
+    assert_rounding_close(y, yr, n=n, what="output")
     if running_tol is not None:
         torch.testing.assert_close(rm.double(), rmd, rtol=running_tol, atol=running_tol)
         torch.testing.assert_close(rv.double(), rvd, rtol=running_tol, atol=running_tol)
     g = draw_grad()
     got = torch.autograd.grad(y, [x, w, b], g)
     want = torch.autograd.grad(yr, [xd, wd, bd], g.double())
-    assert_grads_close(got[:1], want[:1], *input_tol)
-    assert_grads_close(got[1:], want[1:], *param_tol, names=("weight", "bias"))
+    for name, a, r in zip(("input", "weight", "bias"), got, want):
+        assert_rounding_close(a, r, input_dtype=x.dtype, n=n, what=f"grad {name}")
 
 
 SHAPES = [(4, 3), (1, 2, 5), (5, 1, 7), (3, 4, 5, 6), (1, 3, 4, 4), (2, 3, 3, 4, 5), (7, 5, 3)]
@@ -76,22 +72,20 @@ def test_parity_with_torch(shape, layout, dtype, training, affine, running, relu
     rv = (torch.rand(C, dtype=pdtype) + 0.5) if running else None
     yr, xd, wd, bd, rmd, rvd = reference(x, rm, rv, w, b, training, 0.1, 1e-5, relu)
     y = bnext.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, "relu" if relu else None)
-    rtol, atol = TOL[dtype]
+    n = values_per_channel(x)
     assert y.dtype == dtype and y.shape == x.shape
-    torch.testing.assert_close(y.double(), yr, rtol=rtol, atol=atol)
+    assert_rounding_close(y, yr, n=n, what="output")
     if running:
         torch.testing.assert_close(rm.double(), rmd, rtol=1e-6 if pdtype == torch.float32 else 1e-12, atol=1e-6)
         torch.testing.assert_close(rv.double(), rvd, rtol=1e-6 if pdtype == torch.float32 else 1e-12, atol=1e-6)
-    g = torch.randn(shape, dtype=torch.float64)
+    g = torch.randn(shape, dtype=torch.float64).to(dtype)  # the reference sees the rounded values
     inputs = [x] + ([w, b] if affine else [])
     ref_inputs = [xd] + ([wd, bd] if affine else [])
-    grads = torch.autograd.grad(y, inputs, g.to(dtype))
-    ref = torch.autograd.grad(yr, ref_inputs, g.to(dtype).double())
-    scale = 10.0 if dtype in (torch.float16, torch.bfloat16) else 1.0  # sums over many fp16 values
+    grads = torch.autograd.grad(y, inputs, g)
+    ref = torch.autograd.grad(yr, ref_inputs, g.double())
     for name, got, want in zip(["input", "weight", "bias"], grads, ref):
         assert got.dtype == (dtype if name == "input" else pdtype)
-        torch.testing.assert_close(got.double(), want, rtol=rtol * scale, atol=atol * scale * 10,
-                                   msg=lambda m: f"grad {name}: {m}")
+        assert_rounding_close(got, want, input_dtype=dtype, n=n, what=f"grad {name}")
 
 
 # Planar outputs of >= 16 MiB are written through a cached tile with non-temporal stores
@@ -107,10 +101,7 @@ def test_parity_on_outputs_large_enough_for_streaming_stores(shape, dtype, train
     w = (torch.rand(C, dtype=dtype) + 0.5).requires_grad_()
     b = torch.randn(C, dtype=dtype).requires_grad_()
     rm, rv = torch.randn(C, dtype=dtype), torch.rand(C, dtype=dtype) + 0.5
-    rtol, atol = TOL[dtype]
-    # weight/bias grads sum ~1e6 values: fp32 accumulation order differs from torch's fp64 reference
-    check_affine_case(x, rm, rv, w, b, training, relu, lambda: torch.randn(shape, dtype=dtype),
-                      (rtol, atol), (rtol * 10, atol * 100))
+    check_affine_case(x, rm, rv, w, b, training, relu, lambda: torch.randn(shape, dtype=dtype))
 
 
 # Planar inputs with runs of S <= 64 values are reduced as rows of C * S columns in chunks of rows
@@ -128,10 +119,8 @@ def test_parity_short_planar_runs(shape, dtype, training, relu):
     w = (torch.rand(C, dtype=pdtype) + 0.5).requires_grad_()
     b = torch.randn(C, dtype=pdtype).requires_grad_()
     rm, rv = torch.randn(C, dtype=pdtype), torch.rand(C, dtype=pdtype) + 0.5
-    rtol, atol = TOL[dtype]
-    scale = 10.0 if dtype == torch.float16 else 1.0
     check_affine_case(x, rm, rv, w, b, training, relu, lambda: torch.randn(shape, dtype=torch.float64).to(dtype),
-                      (rtol * scale, atol * scale * 10), (rtol * scale * 10, atol * scale * 100), running_tol=1e-6)
+                      running_tol=1e-6)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

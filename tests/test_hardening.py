@@ -12,6 +12,7 @@ import torch
 import bnext
 from helpers import at_thread_counts
 from op_registry import CONFIGS, NORM_OPS
+from test_lp_norm import lp_norm_oracle
 
 ops = torch.ops.bnext
 
@@ -149,9 +150,27 @@ def test_regression_raw_lp_norm_backward_validates_argmax_positions():
             ops.lp_norm_backward(g, x, math.inf, w, b, m, n, torch.full((3,), bad, dtype=torch.long), True, 1e-5)
     with pytest.raises((ValueError, RuntimeError), match=r"\bnorm\b"):
         ops.lp_norm_backward(g, x, 2.0, w, b, m, torch.ones(1), torch.full((3,), -1, dtype=torch.long), True, 1e-5)
-    # the valid extremes still work: -1 (no arg-max) and N*S - 1
+    # The valid extremes give the right gradients: N*S - 1 (the last position, here the true arg-max
+    # of every channel) and -1 (no arg-max: the norm passes no gradient, dx = (g - mean g) w / (N + eps)),
+    # against the float64 definition (tests/test_lp_norm.py's oracle) on the forward's own statistics.
+    x = x.double()
+    x[3, :, 1, 1] = torch.tensor([9.0, -9.0, 9.0], dtype=torch.float64)  # position 3 * 4 + 3 = 15
+    w, b, g = torch.tensor([1.5, 0.5, -1.0], dtype=torch.float64), torch.randn(3, dtype=torch.float64), g.double()
+    _, mean, norm, argmax = ops.lp_norm_forward(x, math.inf, w, b, None, None, True, 1e-5)
+    assert argmax.tolist() == [15, 15, 15]
     for ok in (-1, 15):
-        ops.lp_norm_backward(g, x, math.inf, w, b, m, n, torch.full((3,), ok, dtype=torch.long), True, 1e-5)
+        dx, sum_dy, sum_dy_xhat = ops.lp_norm_backward(g, x, math.inf, w, b, mean, norm,
+                                                       torch.full((3,), ok, dtype=torch.long), True, 1e-5)
+        got = (dx, sum_dy_xhat, sum_dy)  # the input, weight and bias gradients
+        xd, wd, bd = (t.clone().requires_grad_() for t in (x, w, b))
+        if ok == 15:
+            y = lp_norm_oracle(xd, math.inf, wd, bd, argmax=torch.full((3,), 15))
+        else:
+            n_const = xd.detach().abs().amax((0, 2, 3)).view(1, 3, 1, 1)
+            y = (xd - xd.mean((0, 2, 3), keepdim=True)) / (n_const + 1e-5) * wd.view(1, 3, 1, 1) + bd.view(1, 3, 1, 1)
+        want = torch.autograd.grad(y, (xd, wd, bd), g)
+        for name, a, r in zip(("input", "weight", "bias"), got, want):
+            torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12, msg=lambda m: f"argmax {ok}, grad {name}: {m}")
 
 
 def test_regression_raw_ops_validate_eps():

@@ -368,10 +368,12 @@ def test_line_probe_falls_back_to_sequential_and_reports_it():
     batch = (torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,)))
     etas = [0.1, 0.3]
     p = L.line_probe(model, xent, batch, etas)
-    assert not p.batched and p.fallback_reason
+    # the reason names vmap's own error, which mode="batched" raises instead of falling back
+    assert not p.batched and p.fallback_reason.startswith("RuntimeError: vmap: It looks like you're calling .item()")
     check_probe(p, naive_line_probe(model, xent, batch, etas), rtol=1e-10)
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match=r"^vmap: It looks like you're calling \.item\(\) on a Tensor") as e:
         L.line_probe(model, xent, batch, etas, mode="batched")
+    assert p.fallback_reason == f"RuntimeError: {str(e.value).strip().splitlines()[0]}"
 
 
 def test_line_probe_directions():

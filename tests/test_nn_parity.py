@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import bnext
 from bnext import landscape
 from bnext import nn as bnn
+from bnext.ops import draw_seed, noisy_batch_norm_noise
 
 BN = [(torch.nn.BatchNorm1d, bnn.BatchNorm1d, (6, 4, 5)), (torch.nn.BatchNorm2d, bnn.BatchNorm2d, (4, 4, 3, 3)),
       (torch.nn.BatchNorm3d, bnn.BatchNorm3d, (3, 4, 2, 2, 2))]
@@ -86,19 +87,54 @@ def test_bias_false_matches_torch(torch_cls, cls, shape, training):
     torch.testing.assert_close(ours.running_var.double(), ref.running_var, atol=1e-6, rtol=1e-6)
 
 
+def _lp_reference(x, p, w, b=None, eps=1e-5):
+    """l_p normalization in float64 from its definition (bnext.lp_norm's docstring), batch statistics:
+    w * (x - mean) / (N_p + eps) + b per channel over (N, *), N_p of x before centering; N_inf's
+    gradient goes to the first arg-max of |x| (ties do not occur in these random inputs)."""
+    dims = [0] + list(range(2, x.dim()))
+    view = [1, -1] + [1] * (x.dim() - 2)
+    norm = {1: lambda: x.abs().mean(dims), 2: lambda: x.square().mean(dims).sqrt(),
+            math.inf: lambda: x.abs().amax(dims)}[p]()
+    y = (x - x.mean(dims, keepdim=True)) / (norm.view(view) + eps) * w.view(view)
+    return y if b is None else y + b.view(view)
+
+
+def _noise(x, generator_seed):
+    """(s, m): the noise a noisy_batch_norm call with torch.Generator().manual_seed(generator_seed)
+    applies to x (its seed drawn as bnext.ops.draw_seed draws it; the noise itself is checked against a
+    pure-Python Philox in tests/test_noisy_batch_norm.py)."""
+    return noisy_batch_norm_noise(x, draw_seed(torch.Generator().manual_seed(generator_seed)), [0.5, 1.25, 0.1, 0.1])
+
+
+def _assert_grads(y, y_ref, inputs, ref_inputs, g, names):
+    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-12)
+    for name, a, r in zip(names, torch.autograd.grad(y, inputs, g), torch.autograd.grad(y_ref, ref_inputs, g)):
+        torch.testing.assert_close(a, r, atol=1e-10, rtol=1e-10, msg=lambda m: f"grad {name}: {m}")
+
+
 def test_noisy_and_lp_take_bias_false():
-    noisy = bnn.NoisyBatchNorm2d(3, bias=False, generator=torch.Generator().manual_seed(0))
+    """bias=False: the state and repr of torch's bias=False layers, and training outputs and gradients
+    equal to float64 references with no bias term (torch's BatchNorm2d(bias=False) times the noise;
+    the l_p definition)."""
+    noisy = bnn.NoisyBatchNorm2d(3, bias=False, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert noisy.bias is None and list(noisy.state_dict()) == list(torch.nn.BatchNorm2d(3, bias=False).state_dict())
     assert "bias=False" in repr(noisy)
-    noisy(torch.randn(4, 3, 2, 2)).sum().backward()
-    assert noisy.weight.grad is not None
-    lp = bnn.LpNorm2d(3, 2, bias=False)
+    _randomized(noisy)
+    ref = torch.nn.BatchNorm2d(3, bias=False, dtype=torch.float64)
+    ref.load_state_dict(noisy.state_dict())
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    s, m = _noise(x, 0)
+    xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    _assert_grads(noisy(xo), s * ref(xr) + m, [xo, noisy.weight], [xr, ref.weight], torch.randn_like(x),
+                  ("input", "weight"))
+    torch.testing.assert_close(noisy.running_var, ref.running_var, atol=1e-12, rtol=1e-12)
+    lp = bnn.LpNorm2d(3, 2, bias=False, dtype=torch.float64)
     assert lp.bias is None and "bias=False" in repr(lp)
     assert list(lp.state_dict()) == ["weight", "running_mean", "running_norm", "num_batches_tracked"]
-    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
-    lp_zero = bnn.LpNorm2d(3, 2, dtype=torch.float64)  # bias zeros: the same function
-    lp = bnn.LpNorm2d(3, 2, bias=False, dtype=torch.float64)
-    torch.testing.assert_close(lp(x), lp_zero(x), atol=0, rtol=0)
+    _randomized(lp)
+    w = lp.weight.detach().clone().requires_grad_()
+    xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    _assert_grads(lp(xo), _lp_reference(xr, 2, w), [xo, lp.weight], [xr, w], torch.randn_like(x), ("input", "weight"))
 
 
 @pytest.mark.parametrize("cls", ALL_BNEXT + [bnn.LpNorm2d, bnn.SyncLpNorm], ids=lambda c: c.__name__)
@@ -135,15 +171,17 @@ def test_functional_batch_norm_weight_without_bias(training):
 
 
 def test_functional_noisy_and_lp_weight_without_bias():
+    """A weight without a bias: outputs and gradients against float64 references with no bias term."""
     x = torch.randn(6, 3, 5, dtype=torch.float64)
     w = torch.rand(3, dtype=torch.float64) + 0.5
-    zero = torch.zeros(3, dtype=torch.float64)
-    a = bnext.noisy_batch_norm(x, None, None, w, None, training=True, generator=torch.Generator().manual_seed(3))
-    b = bnext.noisy_batch_norm(x, None, None, w, zero, training=True, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    g = torch.randn_like(x)
+    xo, wo, xr, wr = (t.clone().requires_grad_() for t in (x, w, x, w))
+    s, m = _noise(x, 3)
+    y = bnext.noisy_batch_norm(xo, None, None, wo, None, training=True, generator=torch.Generator().manual_seed(3))
+    _assert_grads(y, s * F.batch_norm(xr, None, None, wr, None, True) + m, [xo, wo], [xr, wr], g, ("input", "weight"))
     for p in (1, 2, math.inf):
-        torch.testing.assert_close(bnext.lp_norm(x, p, None, None, w, None, training=True),
-                                   bnext.lp_norm(x, p, None, None, w, zero, training=True), atol=0, rtol=0)
+        y = bnext.lp_norm(xo, p, None, None, wo, None, training=True)
+        _assert_grads(y, _lp_reference(xr, p, wr), [xo, wo], [xr, wr], g, ("input", "weight"))
 
 
 # -------------------------------------------------------------------------------------------------
