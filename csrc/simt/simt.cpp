@@ -44,7 +44,7 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr size_t kMaxParamBytes = 4096;  // the kernel parameter limit the kernels are written for
-constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kStackBytes = 64 * 1024;
 
 int g_sms = 132;
 #ifdef BNEXT_SIMT_TSAN
@@ -319,7 +319,7 @@ struct StackPool {
       for (size_t k = 0; k < count; ++k) mprotect(base + k * stride, page, PROT_NONE);  // guard page
     }
     const size_t page = stride - kStackBytes;
-    return base + i * stride + page;
+    return base + i * stride + page;  // see make_context: the top is staggered
   }
 };
 
@@ -328,9 +328,10 @@ void (*g_body)(void*) = nullptr;
 void* g_ctx = nullptr;
 void fiber_main();
 
-// Context switches. On x86-64 a fiber switch saves the callee-saved registers and the x87/SSE
-// control words on the old stack and swaps stack pointers (glibc's swapcontext also makes a
-// sigprocmask system call per switch, which made it ~50x slower here); elsewhere ucontext.
+// Context switches. On x86-64 a fiber switch saves the callee-saved registers on the old stack and
+// swaps stack pointers (glibc's swapcontext also saves the signal mask with a system call and the
+// FP environment on every switch, which made the emulation several times slower); the kernels never
+// change the rounding mode, so the x87/SSE control words need no saving. Elsewhere ucontext.
 #if defined(__x86_64__)
 extern "C" void bnext_simt_swap(void** save_sp, void* load_sp);
 asm(R"(
@@ -344,14 +345,8 @@ bnext_simt_swap:
   pushq %r13
   pushq %r14
   pushq %r15
-  subq $16, %rsp
-  stmxcsr 8(%rsp)
-  fnstcw (%rsp)
   movq %rsp, (%rdi)
   movq %rsi, %rsp
-  fldcw (%rsp)
-  ldmxcsr 8(%rsp)
-  addq $16, %rsp
   popq %r15
   popq %r14
   popq %r13
@@ -370,17 +365,13 @@ std::vector<Context> g_contexts;
 
 // A fresh stack whose first switch "returns" into fiber_main with the ABI's alignment.
 void make_context(Context& c, char* stack, size_t size) {
-  uint64_t* top = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t(15));
+  // Stacks are a multiple of the page size apart: without a stagger every fiber's top frames would
+  // map to the same cache sets, and switching fibers would evict the previous one's.
+  const size_t stagger = (reinterpret_cast<uintptr_t>(stack) / (kStackBytes + 4096) % 61) * 64;
+  uint64_t* top = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack + size - stagger) & ~uintptr_t(15));
   *--top = 0;                                                  // fiber_main's (absent) return address
   *--top = reinterpret_cast<uint64_t>(&fiber_main);            // where bnext_simt_swap returns
   for (int r = 0; r < 6; ++r) *--top = 0;                      // rbp rbx r12 r13 r14 r15
-  uint32_t mxcsr;
-  uint16_t fcw;
-  asm volatile("stmxcsr %0" : "=m"(mxcsr));
-  asm volatile("fnstcw %0" : "=m"(fcw));
-  top -= 2;
-  memcpy(reinterpret_cast<char*>(top), &fcw, sizeof(fcw));
-  memcpy(reinterpret_cast<char*>(top) + 8, &mxcsr, sizeof(mxcsr));
   c.sp = top;
 }
 void switch_context(Context& from, Context& to) { bnext_simt_swap(&from.sp, to.sp); }
