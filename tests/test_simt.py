@@ -765,3 +765,56 @@ def test_tsan_finds_no_race_in_the_cuda_kernels():
     run = _run_tsan(_TSAN_REAL)
     assert "DONE" in run.stdout, run.stdout[-2000:] + run.stderr[-3000:]
     assert "ThreadSanitizer" not in run.stderr, run.stderr[-6000:]
+
+
+# =================================================================================================
+# tests/test_cuda_variants.py's l_p cases (CUDA vs CPU, training and eval) and l_p at each SM count
+# =================================================================================================
+
+import test_cuda_variants as tv  # noqa: E402
+
+
+@pytest.mark.parametrize("p", [1, 2, math.inf])
+@pytest.mark.parametrize("shape", tv.SHAPES)
+@pytest.mark.parametrize("lay", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False])
+def test_lp_norm_matches_cpu(p, shape, lay, dtype, training):
+    x = tv._layout(torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 2 + 1,
+                   lay).to(dtype)
+    C = shape[1]
+    pd = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    w, b = torch.rand(C, dtype=pd) + 0.5, torch.randn(C, dtype=pd)
+    rm, rn = torch.randn(C, dtype=pd), torch.rand(C, dtype=pd) + 0.5
+    g = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    sim, cpu = lp_case(S, x, p, w, b, g, training, rm, rn), lp_case(ops, x, p, w, b, g, training, rm, rn)
+    tol = tv.TOL[dtype]
+    for a, r, name in zip(sim, cpu, ("y", "dx", "sum_dy_xhat", "sum_dy", "mean", "norm", "argmax")):
+        assert a.dtype == r.dtype and a.shape == r.shape and a.stride() == r.stride(), name
+        torch.testing.assert_close(a.double(), r.double(), rtol=tol, atol=tol * max(1.0, r.double().abs().max().item()),
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_linf_ties_pick_the_same_element_as_cpu():
+    x = torch.randn(4, 2, 8, 8)
+    x[0, 0, 3, 3], x[2, 0, 0, 0], x[3, 1, 1, 1], x[0, 1, 7, 7] = 9.0, -9.0, 9.0, -9.0
+    for lay in ("contiguous", "channels_last"):
+        xs = tv._layout(x, lay)
+        a = ops.lp_norm_forward(xs, math.inf, None, None, None, None, True, EPS)[3]
+        b = S.lp_norm_forward(xs, math.inf, None, None, None, None, True, EPS)[3]
+        assert a.tolist() == b.tolist() == [3 * 8 + 3, 7 * 8 + 7]
+
+
+@pytest.mark.parametrize("sms", SMS)
+@pytest.mark.parametrize("lay", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("p", [1.0, 2.0])
+def test_lp_norm_multi_block(sms, lay, p):
+    shape = (64, 16, 16, 16)  # 16384 values per channel: several row groups on the larger GPUs
+    x, dy = make(shape, torch.float32, 14, lay), make(shape, torch.float32, 15, lay, scale=1.0, shift=0.0)
+    w, b = params(16, torch.float32, 5)
+    with simt.sm_count(sms):
+        sim = lp_case(S, x, p, w, b, dy, True)
+    want = reference_grads(lambda xr, wr, br: lp64(xr, p, wr, br), x, w, b, dy)
+    assert_all_close(sim[:4], [t.float() for t in want], torch.float32, ("y", "dx", "dw", "db"))
+    assert_all_close(sim[:6], lp_case(ops, x, p, w, b, dy, True)[:6], torch.float32,
+                     ("y", "dx", "dw", "db", "mean", "norm"))

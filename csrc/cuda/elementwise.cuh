@@ -221,7 +221,7 @@ std::pair<at::Tensor, at::Tensor> channel_noise_vectors(const NoiseSpec& ns, int
                                                         cudaStream_t stream) {
   at::Tensor mu = at::empty({C}, like.options().dtype(at::kFloat)), sigma = at::empty_like(mu);
   launch(channel_noise_kernel, channel_blocks(C), kThreads, 0, stream, ns, C, mu.mutable_data_ptr<float>(),
-                                                                    sigma.mutable_data_ptr<float>());
+         sigma.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {mu, sigma};
 }

@@ -30,7 +30,14 @@
 //               (C10_CUDA_KERNEL_LAUNCH_CHECK), then runs the grid to completion.
 //   device      cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount) returns an adjustable SM
 //               count (set_sm_count), so the reduction plans of small and large GPUs both run.
-// The fake CUDA and c10/cuda headers in csrc/simt/include put these in place of the real ones.
+//
+// Files: simt.h (this: built-ins, intrinsics, launch), simt.cpp (runtime: launch checks, block
+// scheduler, barrier and warp exchange), half.h (__half, __nv_bfloat16), include/ (stand-ins for
+// cuda_runtime.h, cuda_fp16.h, cuda_bf16.h and c10/cuda's CUDAException.h, CUDAStream.h,
+// CUDAGuard.h, first on the include path, so csrc/cuda's includes reach the emulator unchanged;
+// cuda_runtime.h is force-included in every file, as nvcc does), cuda_<op>.cpp (csrc/cuda/<op>.cu
+// compiled as C++), registration.cpp (torch.ops.bnext_simt and bnext_simt_ctl; includes
+// planted.cpp, kernels with planted defects and launch probes). tests/simt.py builds them.
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
