@@ -130,7 +130,7 @@ void launch_elementwise(const Op& op, const Geometry& g, int sms, cudaStream_t s
   constexpr int64_t kTile = kThreads * kUnroll;
   const int64_t inner = g.interleaved ? 1 : g.S;
   const int64_t blocks = std::min<int64_t>(ceil_div(g.numel(), kTile), kBlocksPerSM * sms);
-  elementwise_kernel<Op><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+  launch(elementwise_kernel<Op>, static_cast<unsigned>(blocks), kThreads, 0, stream,
       op, g.numel(), inner, g.C, digit_step(kThreads, inner, g.C), digit_step((blocks - 1) * kTile, inner, g.C));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -143,7 +143,7 @@ template <typename acc_t, ScaleOf KIND>
 void launch_channel_scale(const at::Tensor& second, const at::Tensor& weight, double eps, acc_t* invstd,
                           at::Tensor& scale, cudaStream_t stream) {
   const int64_t C = second.numel();
-  channel_scale_kernel<acc_t, KIND><<<channel_blocks(C), kThreads, 0, stream>>>(
+  launch(channel_scale_kernel<acc_t, KIND>, channel_blocks(C), kThreads, 0, stream,
       second.const_data_ptr<acc_t>(), weight.const_data_ptr<acc_t>(), eps, C, invstd, scale.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -235,8 +235,8 @@ channel_noise_kernel(NoiseSpec ns, int64_t C, float* __restrict__ mu, float* __r
 std::pair<at::Tensor, at::Tensor> channel_noise_vectors(const NoiseSpec& ns, int64_t C, const at::Tensor& like,
                                                         cudaStream_t stream) {
   at::Tensor mu = at::empty({C}, like.options().dtype(at::kFloat)), sigma = at::empty_like(mu);
-  channel_noise_kernel<<<channel_blocks(C), kThreads, 0, stream>>>(ns, C, mu.mutable_data_ptr<float>(),
-                                                                    sigma.mutable_data_ptr<float>());
+  launch(channel_noise_kernel, channel_blocks(C), kThreads, 0, stream, ns, C, mu.mutable_data_ptr<float>(),
+         sigma.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {mu, sigma};
 }
@@ -254,9 +254,9 @@ void launch_noise(const Op& op, const Geometry& g, const NoiseSpec& ns, const at
   const float* mup = mu.const_data_ptr<float>();
   const float* sigmap = sigma.const_data_ptr<float>();
   if (paired) {
-    noise_kernel<Op, true><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(op, ns, mup, sigmap, u, step);
+    launch(noise_kernel<Op, true>, static_cast<unsigned>(blocks), kThreads, 0, stream, op, ns, mup, sigmap, u, step);
   } else {
-    noise_kernel<Op, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(op, ns, mup, sigmap, u, step);
+    launch(noise_kernel<Op, false>, static_cast<unsigned>(blocks), kThreads, 0, stream, op, ns, mup, sigmap, u, step);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

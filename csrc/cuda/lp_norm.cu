@@ -177,7 +177,7 @@ void lp_norm_backward_passes(const at::Tensor& dy_t, const at::Tensor& x_t, at::
                                                    coeff.const_data_ptr<acc_t>()},
                      g, sms, stream);
   if (P != LpKind::kLinf) return;
-  linf_argmax_kernel<dev_t, acc_t><<<channel_blocks(g.C), kThreads, 0, stream>>>(
+  launch(linf_argmax_kernel<dev_t, acc_t>, channel_blocks(g.C), kThreads, 0, stream,
       x, dy, dx, argmax_t.const_data_ptr<int64_t>(), mean_dy.const_data_ptr<acc_t>(), q.const_data_ptr<acc_t>(),
       coeff.const_data_ptr<acc_t>(), g.C, g.S, g.rows(), g.interleaved);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

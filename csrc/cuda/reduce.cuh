@@ -40,6 +40,7 @@
 #include "../common/welford.h"
 #include "../layout.h"
 #include "convert.cuh"
+#include "launch.cuh"
 
 namespace bnext {
 namespace {
@@ -457,14 +458,14 @@ void reduce_and_merge(const Policy& p, const Geometry& g, const at::Tensor& like
   State* partial = partial_buffer<State>(storage, plan, g, like);
   const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.groups));
   if (g.interleaved) {
-    interleaved_reduce_kernel<Policy><<<grid, kThreads, 0, stream>>>(p, g.rows(), g.C, plan.width, plan.per_group, partial);
+    launch(interleaved_reduce_kernel<Policy>, grid, kThreads, 0, stream, p, g.rows(), g.C, plan.width, plan.per_group, partial);
   } else {
-    planar_reduce_kernel<Policy><<<grid, kThreads, 0, stream>>>(p, g.N, g.C, g.S, plan.per_group,
-                                                                digit_step(kThreads, g.S, g.N), partial);
+    launch(planar_reduce_kernel<Policy>, grid, kThreads, 0, stream, p, g.N, g.C, g.S, plan.per_group,
+           digit_step(kThreads, g.S, g.N), partial);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const unsigned merge_blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(g.C, kWarps), 1 << 16));
-  merge_partials_kernel<State, Finish><<<merge_blocks, kThreads, 0, stream>>>(partial, plan.groups, g.C, finish);
+  launch(merge_partials_kernel<State, Finish>, merge_blocks, kThreads, 0, stream, partial, plan.groups, g.C, finish);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
