@@ -4,10 +4,10 @@
 # (default: the op tests). Needs the current Python environment to have torch and the test extras.
 #
 # .ci/sanitize.sh thread: ThreadSanitizer on the CUDA kernels instead. The SIMT emulation
-# (csrc/simt, tests/simt.py) is built with -fsanitize=thread into build/simt-thread and run with one
-# OS thread per CUDA thread in subprocesses with libtsan preloaded: a planted missing __syncthreads
-# must be reported as a data race, and the real kernels of csrc/cuda must run without one
-# (tests/test_simt.py -k tsan).
+# (csrc/simt, tests/simt.py) of csrc/cuda/batch_norm.cu (its reductions, merges and elementwise
+# passes) is built with -fsanitize=thread into build/simt-thread and run with one OS thread per CUDA
+# thread in subprocesses with libtsan preloaded: a planted missing __syncthreads must be reported as
+# a data race, and BatchNorm's kernels must run without one (tests/test_simt.py -k tsan).
 set -euo pipefail
 src="$(cd "$(dirname "$0")/.." && pwd)"
 if [ "${1:-}" = "thread" ]; then

@@ -21,6 +21,9 @@ CSRC = ROOT / "csrc"
 # registration.cpp includes planted.cpp and csrc/running_stats.cpp (one translation unit)
 SOURCES = ["simt.cpp", "registration.cpp", "cuda_batch_norm.cpp", "cuda_noisy_batch_norm.cpp", "cuda_lp_norm.cpp",
            "cuda_sync.cpp", "cuda_grad_stats.cpp"]
+# The ThreadSanitizer build's subset: BatchNorm's kernels (reductions with their shuffles and barrier,
+# merges, elementwise passes) and the planted kernels.
+SOURCES_TSAN = ["simt.cpp", "registration.cpp", "cuda_batch_norm.cpp"]
 # The ops of torch.ops.bnext with a CUDA kernel (csrc/registration.cpp's register_backend).
 OPS = ["batch_norm_forward", "batch_norm_backward", "noisy_batch_norm_forward", "noisy_batch_norm_backward",
        "lp_norm_forward", "lp_norm_backward", "grad_stats", "multi_axpy", "batch_norm_stats", "lp_norm_stats",
@@ -38,7 +41,7 @@ def _flags(sanitize):
              "-fvisibility-inlines-hidden", "-Wno-unknown-pragmas", f"-I{CSRC / 'simt' / 'include'}",
              "-include", str(CSRC / "simt" / "include" / "cuda_runtime.h")]
     if sanitize == "thread":
-        flags += ["-fsanitize=thread", "-g", "-fno-omit-frame-pointer"]
+        flags += ["-fsanitize=thread", "-g", "-fno-omit-frame-pointer", "-DBNEXT_SIMT_BATCH_NORM_ONLY"]
     return flags
 
 
@@ -54,8 +57,9 @@ def _define_schemas():
 
 def load(sanitize=None, verbose=False):
     """Builds (once) and loads the emulated CUDA backend; returns torch.ops.bnext_simt.
-    sanitize="thread" builds it with ThreadSanitizer into build/simt-tsan (OS-thread mode only;
-    the process must run with libtsan preloaded, see .ci/sanitize.sh)."""
+    sanitize="thread" builds BatchNorm's kernels (SOURCES_TSAN) with ThreadSanitizer into
+    build/simt-thread (OS-thread mode only; the process must run with libtsan preloaded, see
+    .ci/sanitize.sh)."""
     key = sanitize or "plain"
     if key not in _LOADED:
         from torch.utils import cpp_extension
@@ -68,7 +72,8 @@ def load(sanitize=None, verbose=False):
         jobs = os.environ.get("MAX_JOBS")
         os.environ["MAX_JOBS"] = jobs or "1"  # the CI machine has two cores (one compile at a time)
         try:
-            cpp_extension.load(name=name, sources=[str(CSRC / "simt" / s) for s in SOURCES],
+            sources = SOURCES if sanitize is None else SOURCES_TSAN
+            cpp_extension.load(name=name, sources=[str(CSRC / "simt" / s) for s in sources],
                                extra_cflags=_flags(sanitize), extra_ldflags=ldflags, build_directory=str(build),
                                is_python_module=False, verbose=verbose)
         finally:
