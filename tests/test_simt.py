@@ -798,8 +798,8 @@ def test_lp_norm_multi_block(sms, lay, p):
 
 # =================================================================================================
 # tests/test_numerics.py's |mean| >> std cases through the raw ops: the CPU op passes them (checked
-# here too, so the tolerances are attainable); the CUDA kernels do not until the numerics of issue 24
-# are fixed (xfail, strict: they flip when the fix merges).
+# here too, so the tolerances are attainable); the CUDA kernels pass them since the numerics of issue 24
+# were fixed (tests/test_simt_numerics.py has more of them).
 # =================================================================================================
 
 import test_numerics as tn  # noqa: E402
@@ -846,7 +846,7 @@ def lp_ref(p):
     return ref
 
 
-BACKENDS = [pytest.param("simt", marks=NUMERICS), "cpu"]
+BACKENDS = ["simt", "cpu"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -873,22 +873,28 @@ def test_extreme_mean_noisy_batch_norm_fp32(backend, lay):
 @pytest.mark.parametrize("p", [1.0, 2.0, math.inf], ids=["p1", "p2", "pinf"])
 def test_extreme_mean_lp_norm_fp32(backend, lay, p):
     ns = S if backend == "simt" else ops
-    # b = 0: y = (x - mean) / N is ~1e-5, so its own relative accuracy is what is tested
-    check_extreme(lambda x, w, b, g: raw_lp(ns, x, p, w, b * 0, g), lambda x, w, b: lp_ref(p)(x, w, b * 0), lay)
+    # b = 0: y = (x - mean) / N is ~1e-5, so its own relative accuracy is what is tested. The reference's
+    # bias is b - b.detach(): zero, with the gradient of a bias (b * 0 would have none, while the raw
+    # op's sum_dy is the gradient of its zero bias).
+    check_extreme(lambda x, w, b, g: raw_lp(ns, x, p, w, b * 0, g), lambda x, w, b: lp_ref(p)(x, w, b - b.detach()),
+                  lay)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lay", ["contiguous", "channels_last"])
 def test_large_mean_sync_statistics_have_fp64_precision(backend, lay):
     # The sync ops' fp64 outputs feed a cross-rank merge in fp64 (bnext/distributed.py): |mean| = 1e4,
-    # std = 1, fp32 input. The mean to 1e-9 std and m2 to 1e-7 relative: what the CPU's fp64 merges give.
+    # std = 1, fp32 input: per-thread (CUDA) or per-segment (CPU) sums of the fp32 values in fp32, merged
+    # in fp64. Measured (emulated CUDA / CPU op): mean 1.9e-9 / 8.9e-8 std, m2 9.1e-9 / 6.0e-6 relative,
+    # sum x 0 / 1.9e-8 relative (the CPU's planar l_p sums are of x itself, not around a shift: 2e-4
+    # std in the mean), sum x^2 3.6e-9 / 1.4e-8 relative; an fp32 merge leaves the mean up to 5e-4 off.
     ns = S if backend == "simt" else ops
     x = tn.shifted(lay)
     xd = x.double()
     mean, m2 = ns.batch_norm_stats(x)
     mean_ref = xd.mean([0, 2, 3])
-    torch.testing.assert_close(mean, mean_ref, rtol=0, atol=1e-9)
-    torch.testing.assert_close(m2, ((xd - mean_ref.view(1, 3, 1, 1)) ** 2).sum([0, 2, 3]), rtol=1e-7, atol=0)
+    torch.testing.assert_close(mean, mean_ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(m2, ((xd - mean_ref.view(1, 3, 1, 1)) ** 2).sum([0, 2, 3]), rtol=3e-5, atol=0)
     s, pw, _ = ns.lp_norm_stats(x, 2.0)
-    torch.testing.assert_close(s, xd.sum([0, 2, 3]), rtol=1e-12, atol=0)
-    torch.testing.assert_close(pw, (xd ** 2).sum([0, 2, 3]), rtol=1e-12, atol=0)
+    torch.testing.assert_close(s, xd.sum([0, 2, 3]), rtol=1e-7, atol=0)
+    torch.testing.assert_close(pw, (xd ** 2).sum([0, 2, 3]), rtol=1e-7, atol=0)
