@@ -2,8 +2,20 @@
 # Builds the CPU extension with AddressSanitizer + UndefinedBehaviorSanitizer in a scratch copy of
 # the tree and runs the CPU tests against it. Usage: .ci/sanitize.sh [pytest args...]
 # (default: the op tests). Needs the current Python environment to have torch and the test extras.
+#
+# .ci/sanitize.sh thread: ThreadSanitizer on the CUDA kernels instead. The SIMT emulation
+# (csrc/simt, tests/simt.py) of csrc/cuda/batch_norm.cu (its reductions, merges and elementwise
+# passes) is built with -fsanitize=thread into build/simt-thread and run with one OS thread per CUDA
+# thread in subprocesses with libtsan preloaded: a planted missing __syncthreads must be reported as
+# a data race, and BatchNorm's kernels must run without one (tests/test_simt.py -k tsan).
 set -euo pipefail
 src="$(cd "$(dirname "$0")/.." && pwd)"
+if [ "${1:-}" = "thread" ]; then
+  shift
+  cd "$src"
+  echo "sanitize: ThreadSanitizer on the SIMT emulation of csrc/cuda" >&2
+  BNEXT_SIMT_TSAN=1 MAX_JOBS="${MAX_JOBS:-1}" exec python -m pytest -q -p no:cacheprovider tests/test_simt.py -k tsan "$@"
+fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 git -C "$src" ls-files -z --cached --others --exclude-standard | (cd "$src" && xargs -0 cp --parents -t "$work")

@@ -25,7 +25,9 @@
 #include "multi_tensor.h"
 #include "ops.h"
 
-#ifdef __CUDACC__
+// BNEXT_SIMT: the CUDA backend compiled as host C++ against the SIMT emulation (csrc/simt), whose
+// "device" holds CPU tensors.
+#if defined(__CUDACC__) || defined(BNEXT_SIMT)
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
@@ -40,14 +42,19 @@ struct Cpu {
   };
 };
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(BNEXT_SIMT)
 struct Cuda {
+#ifdef BNEXT_SIMT
+  static bool on_device(const at::Device& device) { return device.is_cpu(); }
+#else
+  static bool on_device(const at::Device& device) { return device.is_cuda(); }
+#endif
   static void check_input(const at::Tensor& input, const char* op) {
     bnext::check_input(input);
-    TORCH_CHECK(input.is_cuda(), "bnext.", op, ": the CUDA kernel got input on ", input.device());
+    TORCH_CHECK(on_device(input.device()), "bnext.", op, ": the CUDA kernel got input on ", input.device());
   }
   static void check_list_device(const at::Device& device, const char* op) {
-    TORCH_CHECK_VALUE(device.is_cuda(), op, ": expected CUDA tensors, got ", device);
+    TORCH_CHECK_VALUE(on_device(device), op, ": expected CUDA tensors, got ", device);
   }
   using Guard = c10::cuda::CUDAGuard;
 };

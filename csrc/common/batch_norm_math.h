@@ -20,6 +20,10 @@
 //   dx = (g - sum_dy_c / M - xc * sum_dy_xc_c * invstd_c^2 / M) * invstd_c * w_c
 //   dw_c = sum_dy_xc_c * invstd_c,  db_c = sum_dy_c
 // In eval the statistics are constants: dx = g * invstd_c * w_c.
+// The sums of pass 1 are taken around the saved acc_t mean m and moved to the batch mean
+// m + delta, delta = sum (x - m) / M (bn_recentre); delta (rounded) is the residual of pass 2.
+#include <math.h>
+
 #include "macros.h"
 
 namespace bnext {
@@ -49,6 +53,22 @@ BNEXT_HD bool bn_mean_residual_matters(acc_t mean, acc_t invstd) {
   return m * invstd >= acc_t(256);
 }
 
+// invstd = 1 / sqrt(var + eps), formed in fp64 and rounded to acc_t (as csrc/cpu/passes.h's
+// ChannelParams forms it).
+template <typename acc_t>
+BNEXT_HD acc_t bn_invstd(acc_t var, double eps) {
+  return static_cast<acc_t>(1.0 / sqrt(static_cast<double>(var) + eps));
+}
+
+// The residual carried with a saved mean (csrc/cpu/passes.h, ChannelParams::set_residuals):
+// mean64 - mean, rounded, when `mean` is the rounding of the fp64 mean `mean64` and the residual is
+// carried (`always`: l_p; BatchNorm where bn_mean_residual_matters), else 0.
+template <typename acc_t>
+BNEXT_HD acc_t bn_mean_residual(double mean64, acc_t mean, acc_t invstd, bool always) {
+  const bool use = static_cast<acc_t>(mean64) == mean && (always || bn_mean_residual_matters(mean, invstd));
+  return use ? static_cast<acc_t>(mean64 - static_cast<double>(mean)) : acc_t(0);
+}
+
 template <typename acc_t>
 BNEXT_HD acc_t bn_forward_value(acc_t x, const ChannelAffine<acc_t>& a, bool relu) {
   const acc_t y = centred(x, a.mean, a.mean_lo) * a.scale + a.shift;
@@ -75,6 +95,19 @@ struct ChannelBackward {
   acc_t coeff;    // invstd * weight
   acc_t mean_lo = acc_t(0);  // residual of the mean (xc = x - mean - mean_lo)
 };
+
+// Recentring of the training backward's fp64 sums (csrc/cpu/passes.h, BackwardCommon::centre): pass 1
+// summed g * (x - mean) and x - mean around the saved acc_t mean; delta = sum (x - mean) / M moves
+// them to the batch mean mean + delta, sum g (x - mean - delta) = sum g (x - mean) - delta sum g,
+// when `mean` is the rounding of mean + delta (the statistics are this input's; others, say another
+// rank's, are used as given). Returns delta rounded to acc_t (pass 2's mean_lo), or 0.
+template <typename acc_t>
+BNEXT_HD acc_t bn_recentre(acc_t mean, double M, double sum_dy, double sum_xc, double* sum_dy_xc) {
+  const double delta = sum_xc / M;
+  if (!(static_cast<acc_t>(static_cast<double>(mean) + delta) == mean)) return acc_t(0);
+  *sum_dy_xc -= delta * sum_dy;
+  return static_cast<acc_t>(delta);
+}
 
 template <typename acc_t>
 BNEXT_HD acc_t bn_backward_train_value(acc_t g, acc_t x, const ChannelBackward<acc_t>& b) {

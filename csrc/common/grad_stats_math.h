@@ -34,7 +34,7 @@ BNEXT_HD PairSums<T> pair_sums_merge(const PairSums<T>& x, const PairSums<T>& y)
 // rounding) unless told otherwise. The _rn intrinsics are never contracted, whatever the nvcc
 // flags, so multi_axpy is bitwise equal on both sides (tests/test_grad_stats.py, exact).
 BNEXT_HD float axpy_value(float x, float d, float eta) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) || defined(BNEXT_SIMT)
   return __fsub_rn(x, __fmul_rn(eta, d));
 #else
   return x - eta * d;
@@ -42,7 +42,7 @@ BNEXT_HD float axpy_value(float x, float d, float eta) {
 }
 
 BNEXT_HD double axpy_value(double x, double d, double eta) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) || defined(BNEXT_SIMT)
   return __dsub_rn(x, __dmul_rn(eta, d));
 #else
   return x - eta * d;

@@ -46,7 +46,7 @@ struct Philox4 {
 };
 
 BNEXT_HD void philox_mulhilo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) || defined(BNEXT_SIMT)
   lo = a * b;
   hi = __umulhi(a, b);
 #else
@@ -60,7 +60,7 @@ BNEXT_HD void philox_mulhilo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo)
 BNEXT_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
   constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
   constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) || defined(BNEXT_SIMT)
 #pragma unroll
 #endif
   for (int round = 0; round < 10; ++round) {
@@ -83,7 +83,7 @@ BNEXT_HD float uniform_co(uint32_t r) { return static_cast<float>(r >> 8) * 5.96
 BNEXT_HD float uniform_oc(uint32_t r) { return static_cast<float>((r >> 8) + 1u) * 5.9604644775390625e-8f; }
 
 BNEXT_HD uint32_t noise_float_bits(float f) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) || defined(BNEXT_SIMT)
   return __float_as_uint(f);
 #else
   uint32_t u;
@@ -93,7 +93,7 @@ BNEXT_HD uint32_t noise_float_bits(float f) {
 }
 
 BNEXT_HD float noise_bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) || defined(BNEXT_SIMT)
   return __uint_as_float(u);
 #else
   float f;

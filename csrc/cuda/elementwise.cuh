@@ -6,7 +6,8 @@
 //
 // Formulas: csrc/common/batch_norm_math.h, noise.h. invstd = 1 / sqrt(var + eps) (or l_p's
 // 1 / (N + eps)) is computed in fp64 per channel, as the CPU path does, and the elementwise passes
-// compute (x - mean) * scale, not x * alpha + beta.
+// compute ((x - mean) - mean_lo) * scale, not x * alpha + beta: mean_lo is the residual of the
+// fp64 mean that the saved acc_t mean leaves out (null pointers: 0), as csrc/cpu/passes.h carries it.
 // setup.py compiles with --fmad=false and IEEE division and sqrt (no --use_fast_math), as the CPU
 // build compiles with -ffp-contract=off: every per-element formula rounds the same way on both
 // sides, which is what makes the noise bitwise equal to the CPU's.
@@ -28,9 +29,8 @@ channel_scale_kernel(const acc_t* __restrict__ second, const acc_t* __restrict__
                      acc_t* __restrict__ invstd_out, acc_t* __restrict__ scale) {
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; c < C;
        c += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const double d = KIND == ScaleOf::kVariance ? sqrt(static_cast<double>(second[c]) + eps)
-                                                : static_cast<double>(second[c]) + eps;
-    const acc_t invstd = static_cast<acc_t>(1.0 / d);
+    const acc_t invstd = KIND == ScaleOf::kVariance ? bn_invstd(second[c], eps)
+                                                    : static_cast<acc_t>(1.0 / (static_cast<double>(second[c]) + eps));
     if (invstd_out != nullptr) invstd_out[c] = invstd;
     scale[c] = invstd * weight[c];
   }
@@ -44,7 +44,13 @@ channel_scale_kernel(const acc_t* __restrict__ second, const acc_t* __restrict__
 // computes and stores.
 // ---------------------------------------------------------------------------------------------
 
-// y = act((x - mean) * scale + shift)   (bn_forward_value)
+// The residual of channel c's mean, or 0 when none is carried (a null vector).
+template <typename acc_t>
+__device__ acc_t residual_at(const acc_t* mean_lo, int64_t c) {
+  return mean_lo != nullptr ? mean_lo[c] : acc_t(0);
+}
+
+// y = act(((x - mean) - mean_lo) * scale + shift)   (bn_forward_value)
 template <typename scalar_t, typename acc_t, bool RELU>
 struct AffineEpilogue {
   using Item = acc_t;
@@ -53,15 +59,20 @@ struct AffineEpilogue {
   const acc_t* __restrict__ mean;
   const acc_t* __restrict__ scale;
   const acc_t* __restrict__ shift;
+  const acc_t* __restrict__ mean_lo = nullptr;
 
+  __device__ ChannelAffine<acc_t> affine(int64_t c) const {
+    return ChannelAffine<acc_t>{mean[c], scale[c], shift[c], residual_at(mean_lo, c)};
+  }
   __device__ Item load(int64_t i) const { return to_acc(x[i]); }
   __device__ void apply(int64_t i, const Item& v, int64_t c) const {
-    store(y + i, bn_forward_value(v, ChannelAffine<acc_t>{mean[c], scale[c], shift[c]}, RELU));
+    store(y + i, bn_forward_value(v, affine(c), RELU));
   }
 };
 
-// Training dx = (g - mean_dy - (x - mean) * proj) * invstd * w,  g = masked dy
-// (bn_masked_grad, bn_backward_train_value).
+// Training dx = (g - mean_dy - (x - mean - lo) * proj) * invstd * w,  g = masked dy
+// (bn_masked_grad, bn_backward_train_value); the mask with the forward's residual mean_lo, the
+// centring with the backward's lo (bn_recentre). Null residuals are 0.
 template <typename scalar_t, typename acc_t, bool RELU>
 struct BatchNormBackward {
   struct Item {
@@ -75,11 +86,15 @@ struct BatchNormBackward {
   const acc_t* __restrict__ shift;  // bias (for the ReLU mask)
   const acc_t* __restrict__ mean_dy;
   const acc_t* __restrict__ proj;
+  const acc_t* __restrict__ mean_lo;
+  const acc_t* __restrict__ lo;
 
   __device__ Item load(int64_t i) const { return Item{to_acc(x[i]), to_acc(dy[i])}; }
   __device__ void apply(int64_t i, const Item& v, int64_t c) const {
-    const acc_t g = bn_masked_grad(v.dy, v.x, ChannelAffine<acc_t>{mean[c], scale[c], shift[c]}, RELU);
-    store(dx + i, bn_backward_train_value(g, v.x, ChannelBackward<acc_t>{mean[c], mean_dy[c], proj[c], scale[c]}));
+    const ChannelAffine<acc_t> a{mean[c], scale[c], shift[c], residual_at(mean_lo, c)};
+    const acc_t g = bn_masked_grad(v.dy, v.x, a, RELU);
+    store(dx + i, bn_backward_train_value(g, v.x, ChannelBackward<acc_t>{mean[c], mean_dy[c], proj[c], scale[c],
+                                                                          residual_at(lo, c)}));
   }
 };
 
@@ -115,7 +130,7 @@ void launch_elementwise(const Op& op, const Geometry& g, int sms, cudaStream_t s
   constexpr int64_t kTile = kThreads * kUnroll;
   const int64_t inner = g.interleaved ? 1 : g.S;
   const int64_t blocks = std::min<int64_t>(ceil_div(g.numel(), kTile), kBlocksPerSM * sms);
-  elementwise_kernel<Op><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+  launch(elementwise_kernel<Op>, static_cast<unsigned>(blocks), kThreads, 0, stream,
       op, g.numel(), inner, g.C, digit_step(kThreads, inner, g.C), digit_step((blocks - 1) * kTile, inner, g.C));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -128,7 +143,7 @@ template <typename acc_t, ScaleOf KIND>
 void launch_channel_scale(const at::Tensor& second, const at::Tensor& weight, double eps, acc_t* invstd,
                           at::Tensor& scale, cudaStream_t stream) {
   const int64_t C = second.numel();
-  channel_scale_kernel<acc_t, KIND><<<channel_blocks(C), kThreads, 0, stream>>>(
+  launch(channel_scale_kernel<acc_t, KIND>, channel_blocks(C), kThreads, 0, stream,
       second.const_data_ptr<acc_t>(), weight.const_data_ptr<acc_t>(), eps, C, invstd, scale.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -220,8 +235,8 @@ channel_noise_kernel(NoiseSpec ns, int64_t C, float* __restrict__ mu, float* __r
 std::pair<at::Tensor, at::Tensor> channel_noise_vectors(const NoiseSpec& ns, int64_t C, const at::Tensor& like,
                                                         cudaStream_t stream) {
   at::Tensor mu = at::empty({C}, like.options().dtype(at::kFloat)), sigma = at::empty_like(mu);
-  channel_noise_kernel<<<channel_blocks(C), kThreads, 0, stream>>>(ns, C, mu.mutable_data_ptr<float>(),
-                                                                    sigma.mutable_data_ptr<float>());
+  launch(channel_noise_kernel, channel_blocks(C), kThreads, 0, stream, ns, C, mu.mutable_data_ptr<float>(),
+         sigma.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {mu, sigma};
 }
@@ -239,9 +254,9 @@ void launch_noise(const Op& op, const Geometry& g, const NoiseSpec& ns, const at
   const float* mup = mu.const_data_ptr<float>();
   const float* sigmap = sigma.const_data_ptr<float>();
   if (paired) {
-    noise_kernel<Op, true><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(op, ns, mup, sigmap, u, step);
+    launch(noise_kernel<Op, true>, static_cast<unsigned>(blocks), kThreads, 0, stream, op, ns, mup, sigmap, u, step);
   } else {
-    noise_kernel<Op, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(op, ns, mup, sigmap, u, step);
+    launch(noise_kernel<Op, false>, static_cast<unsigned>(blocks), kThreads, 0, stream, op, ns, mup, sigmap, u, step);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -40,6 +40,7 @@
 #include "../common/grad_stats_math.h"
 #include "../entry.h"
 #include "../multi_tensor.h"
+#include "launch.cuh"
 
 namespace bnext {
 namespace {
@@ -253,10 +254,10 @@ struct GradStatsKernels<Cuda> {
     for (const auto& g : groups) {
       double* part = partial.mutable_data_ptr<double>() + 4 * g.chunk_base;
       if (g.chunks > 0) {
-        grad_stats_chunk_kernel<<<static_cast<unsigned>(g.chunks), kThreads, 0, stream>>>(g.meta, part);
+        launch(grad_stats_chunk_kernel, static_cast<unsigned>(g.chunks), kThreads, 0, stream, g.meta, part);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      grad_stats_finalize_kernel<<<static_cast<unsigned>(g.meta.count), kThreads, 0, stream>>>(
+      launch(grad_stats_finalize_kernel, static_cast<unsigned>(g.meta.count), kThreads, 0, stream,
           g.meta, part, out.mutable_data_ptr<double>() + 4 * g.begin);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -274,7 +275,7 @@ struct GradStatsKernels<Cuda> {
       for (int64_t k = 0; k < kn; ++k) e.v[k] = etas[k0 + k];
       for (const auto& g : groups) {
         if (g.chunks == 0) continue;
-        multi_axpy_kernel<<<static_cast<unsigned>(g.chunks), kThreads, 0, stream>>>(g.meta, e, k0, kn);
+        launch(multi_axpy_kernel, static_cast<unsigned>(g.chunks), kThreads, 0, stream, g.meta, e, k0, kn);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }

@@ -1,10 +1,12 @@
 // l_p normalization (p = 1, 2, inf), CUDA kernels. Same semantics and the same per-channel
 // formulas as the CPU path (csrc/common/lp_norm_math.h):
-//   forward:  statistics = LpNormStatsPolicy (sum x, sum |x|^p or the first max |x|); then BatchNorm's
-//             elementwise pass with invstd := inv = 1 / (N + eps), formed in fp64 and rounded to
-//             acc_t, and scale = inv * w in acc_t;
-//   backward: BatchNorm's sums (GradSumsPolicy); sum_dy_xhat = sum_dy_xc * inv; training dx from
-//             lp_backward_coeffs (mean_dy, q, coeff = w / (N + eps)). For p = inf dir(x) is zero off
+//   forward:  statistics = LpNormStatsPolicy (sum x, sum |x|^p or the first max |x|, fp64 totals);
+//             then BatchNorm's elementwise pass with the mean's residual (always carried, as
+//             csrc/cpu/lp_norm.cpp does) and invstd := inv = 1 / (N + eps), formed in fp64 and
+//             rounded to acc_t, and scale = inv * w in acc_t;
+//   backward: BatchNorm's sums (GradSumsPolicy; training recentres them, bn_recentre);
+//             sum_dy_xhat = sum_dy_xc * inv; training dx from lp_backward_coeffs (mean_dy, q,
+//             coeff = w / (N + eps)). For p = inf dir(x) is zero off
 //             the arg-max, so the elementwise pass does not read x, and one thread per channel then
 //             rewrites the arg-max element (as the CPU's finish step).
 // The skeleton: csrc/cuda/reduce.cuh, elementwise.cuh, passes.cuh. The entry points (checks, layout,
@@ -15,24 +17,30 @@
 namespace bnext {
 namespace {
 
+// mean, N and the arg-max from the fp64 totals; mean_lo = the residual of the mean.
 template <typename acc_t>
 struct LpNormStatsFinish {
   acc_t* mean;
   acc_t* norm;
   int64_t* argmax;
+  acc_t* mean_lo;
   double M;
   LpKind p;
-  __device__ void operator()(int64_t c, const LpState<acc_t>& s) const {
-    mean[c] = static_cast<acc_t>(static_cast<double>(s.sum) / M);
-    norm[c] = static_cast<acc_t>(lp_norm_value(p, static_cast<double>(s.pow), static_cast<double>(s.max.max), M));
+  __device__ void operator()(int64_t c, const LpState<double>& s) const {
+    const double mean64 = s.sum / M;
+    mean[c] = static_cast<acc_t>(mean64);
+    mean_lo[c] = bn_mean_residual(mean64, mean[c], acc_t(0), true);
+    norm[c] = static_cast<acc_t>(lp_norm_value(p, s.pow, s.max.max, M));
     argmax[c] = p == LpKind::kLinf ? s.max.index : -1;
   }
 };
 
 // Per channel: sum_dy, sum_dy_xhat = sum_dy_xc * inv (CPU: write_grad_sums); training also the dx
-// coefficients of lp_backward_coeffs.
+// coefficients of lp_backward_coeffs, from the sums recentred on the batch mean (bn_recentre; l_p's
+// dx does not centre x, so the residual itself is not needed).
 template <typename acc_t>
 struct LpNormGradFinish {
+  const acc_t* mean;
   const acc_t* norm;
   const acc_t* inv;
   const acc_t* weight;
@@ -44,11 +52,13 @@ struct LpNormGradFinish {
   acc_t* coeff;    // null in eval
   double eps, M;
   LpKind p;
-  __device__ void operator()(int64_t c, const GradSums<acc_t>& s) const {
-    sum_dy[c] = s.dy;
-    sum_dy_xhat[c] = static_cast<acc_t>(static_cast<double>(s.dy_xc) * static_cast<double>(inv[c]));
+  __device__ void operator()(int64_t c, const GradSums<double>& s) const {
+    double s_dy_xc = s.dy_xc;
+    if (mean_dy != nullptr) bn_recentre(mean[c], M, s.dy, s.xc, &s_dy_xc);
+    sum_dy[c] = static_cast<acc_t>(s.dy);
+    sum_dy_xhat[c] = static_cast<acc_t>(s_dy_xc * static_cast<double>(inv[c]));
     if (mean_dy != nullptr) {
-      const LpBackward<acc_t> k = lp_backward_coeffs<acc_t>(p, s.dy, s.dy_xc, norm[c], eps, weight[c], M, argmax_in[c]);
+      const LpBackward<acc_t> k = lp_backward_coeffs<acc_t>(p, s.dy, s_dy_xc, norm[c], eps, weight[c], M, argmax_in[c]);
       mean_dy[c] = k.mean_dy;
       q[c] = k.q;
       coeff[c] = k.coeff;
@@ -112,16 +122,20 @@ void lp_norm_forward_passes(const at::Tensor& x, at::Tensor& y, const Geometry& 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int sms = sm_count(x.device());
   const dev_t* xp = device_ptr<scalar_t>(x);
+  at::Tensor mean_lo;  // training: the residual of the mean (eval: none)
   if (training) {
+    mean_lo = at::empty({g.C}, mean.options());
     reduce_and_merge(LpNormStatsPolicy<dev_t, acc_t, P>{xp}, g, x, sms,
                      LpNormStatsFinish<acc_t>{mean.mutable_data_ptr<acc_t>(), norm.mutable_data_ptr<acc_t>(),
-                                          argmax.mutable_data_ptr<int64_t>(), static_cast<double>(g.rows()), P},
+                                          argmax.mutable_data_ptr<int64_t>(), mean_lo.mutable_data_ptr<acc_t>(),
+                                          static_cast<double>(g.rows()), P},
                      stream);
   }
   at::Tensor scale = at::empty({g.C}, mean.options());
   launch_channel_scale<acc_t, ScaleOf::kNorm>(norm, weight, eps, nullptr, scale, stream);
   launch_elementwise(AffineEpilogue<dev_t, acc_t, false>{xp, device_ptr_mut<scalar_t>(y), mean.const_data_ptr<acc_t>(),
-                                                   scale.const_data_ptr<acc_t>(), bias.const_data_ptr<acc_t>()},
+                                                   scale.const_data_ptr<acc_t>(), bias.const_data_ptr<acc_t>(),
+                                                   training ? mean_lo.const_data_ptr<acc_t>() : nullptr},
                      g, sms, stream);
 }
 
@@ -147,7 +161,7 @@ void lp_norm_backward_passes(const at::Tensor& dy_t, const at::Tensor& x_t, at::
     q = at::empty({g.C}, mean_t.options());
     coeff = at::empty({g.C}, mean_t.options());
   }
-  const LpNormGradFinish<acc_t> finish{norm_t.const_data_ptr<acc_t>(), inv.const_data_ptr<acc_t>(),
+  const LpNormGradFinish<acc_t> finish{mean, norm_t.const_data_ptr<acc_t>(), inv.const_data_ptr<acc_t>(),
                                    weight.const_data_ptr<acc_t>(), argmax_t.const_data_ptr<int64_t>(),
                                    sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xhat.mutable_data_ptr<acc_t>(),
                                    training ? mean_dy.mutable_data_ptr<acc_t>() : nullptr,
@@ -163,7 +177,7 @@ void lp_norm_backward_passes(const at::Tensor& dy_t, const at::Tensor& x_t, at::
                                                    coeff.const_data_ptr<acc_t>()},
                      g, sms, stream);
   if (P != LpKind::kLinf) return;
-  linf_argmax_kernel<dev_t, acc_t><<<channel_blocks(g.C), kThreads, 0, stream>>>(
+  launch(linf_argmax_kernel<dev_t, acc_t>, channel_blocks(g.C), kThreads, 0, stream,
       x, dy, dx, argmax_t.const_data_ptr<int64_t>(), mean_dy.const_data_ptr<acc_t>(), q.const_data_ptr<acc_t>(),
       coeff.const_data_ptr<acc_t>(), g.C, g.S, g.rows(), g.interleaved);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

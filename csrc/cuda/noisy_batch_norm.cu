@@ -17,7 +17,7 @@ namespace {
 template <typename scalar_t, typename acc_t>
 struct NoisyBatchNormEpilogue : AffineEpilogue<scalar_t, acc_t, false> {
   __device__ void apply(int64_t i, const acc_t& v, int64_t c, const ElementNoise& e) const {
-    const acc_t a = bn_forward_value(v, ChannelAffine<acc_t>{this->mean[c], this->scale[c], this->shift[c]}, false);
+    const acc_t a = bn_forward_value(v, this->affine(c), false);
     store(this->y + i, static_cast<acc_t>(e.s) * a + static_cast<acc_t>(e.m));
   }
 };
@@ -34,14 +34,17 @@ struct NoisyBatchNormKernels<Cuda> {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const int sms = sm_count(f.x.device());
     const dev_t* xp = device_ptr<scalar_t>(f.x);
+    at::Tensor mean_lo = at::empty({g.C}, f.mean.options());
     reduce_and_merge(BatchNormStatsPolicy<dev_t, acc_t>{xp}, g, f.x, sms,
-                     BatchNormStatsFinish<acc_t>{f.mean.mutable_data_ptr<acc_t>(), f.second.mutable_data_ptr<acc_t>()},
+                     BatchNormStatsFinish<acc_t>{f.mean.mutable_data_ptr<acc_t>(), f.second.mutable_data_ptr<acc_t>(),
+                                                 mean_lo.mutable_data_ptr<acc_t>(), eps},
                      stream);
     at::Tensor scale = at::empty({g.C}, f.mean.options());
     launch_channel_scale<acc_t, ScaleOf::kVariance>(f.second, f.w, eps, nullptr, scale, stream);
     const auto noise = channel_noise_vectors(ns, g.C, f.x, stream);
     launch_noise(NoisyBatchNormEpilogue<dev_t, acc_t>{{xp, device_ptr_mut<scalar_t>(f.y), f.mean.const_data_ptr<acc_t>(),
-                                                      scale.const_data_ptr<acc_t>(), f.b.const_data_ptr<acc_t>()}},
+                                                      scale.const_data_ptr<acc_t>(), f.b.const_data_ptr<acc_t>(),
+                                                      mean_lo.const_data_ptr<acc_t>()}},
                  g, ns, noise.first, noise.second, 0, sms, stream);
   }
 

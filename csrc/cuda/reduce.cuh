@@ -3,7 +3,8 @@
 // reduction states and policies (BatchNormStatsPolicy: Welford; LpNormStatsPolicy: sum x, sum |x|^p
 // or max |x| with its first arg-max; GradSumsPolicy: the backward sums of BatchNorm and l_p), the
 // reduce and merge kernels and reduce_and_merge(Policy, Finish), which every op's statistics and
-// gradient sums go through. Same semantics as csrc/cpu/reduce.h.
+// gradient sums go through. Same numerics as csrc/cpu/reduce.h: per-thread partials in acc_t around
+// a per-thread shift, merged in fp64.
 //
 // The reductions are one templated kernel per layout (csrc/layout.h) over a small policy (what is
 // loaded and accumulated per element):
@@ -15,10 +16,15 @@
 // hands the total to the op's Finish. How many row groups g a channel is split into depends on the
 // shape and the SM count only, so results are deterministic on a given GPU model.
 //
-// Numerics: per-thread accumulation is in the accumulation type acc_t (fp32 for fp16/bf16/fp32,
-// fp64 for fp64) over at most kMaxPerThread values, then combined by trees (shuffles, shared
-// memory, the merge warp). Statistics use Welford updates and Chan merges, so nothing cancels
-// when |mean| >> std; the gradient sums take g * (x - mean), never g * x - mean * sum g.
+// Numerics (as csrc/cpu/reduce.h's segments): each thread accumulates its values (at most
+// kMaxPerThread, unless the grid's y limit forces more) in the accumulation type acc_t (fp32 for
+// fp16/bf16/fp32, fp64 for fp64), the statistics around a per-thread shift, its first value: a
+// Welford state of x - shift (BatchNorm), the sum of x - shift (l_p). The thread's partial is then
+// made fp64 (Policy::State: shift + mean, count * shift + sum) and every merge after it (shuffles,
+// shared memory, the merge warp) is in fp64, Chan's formula for Welford states. So the statistics
+// keep the fp64 mean, to much better than an fp32 ulp of it when |mean| >> std, and nothing
+// cancels. The gradient sums take g * (x - mean), never g * x - mean * sum g, and also sum x - mean,
+// which recentres them on the exact batch mean (bn_recentre, csrc/common/batch_norm_math.h).
 //
 // Indexing is 64-bit wherever an index spans the tensor. Element (flat index i) -> channel is
 // tracked with a "digits" cursor: one division per thread, then only adds and compares.
@@ -34,6 +40,7 @@
 #include "../common/welford.h"
 #include "../layout.h"
 #include "convert.cuh"
+#include "launch.cuh"
 
 namespace bnext {
 namespace {
@@ -84,14 +91,24 @@ BNEXT_HD void advance(Digits& d, const DigitStep& s, int64_t inner, int64_t wrap
 }
 
 // ---------------------------------------------------------------------------------------------
-// Reduction states: identity, merge and warp shuffle for each.
+// Reduction states: identity, merge and warp shuffle for each. These are the fp64 partials
+// (Policy::State) that threads, blocks and the merge warp combine; a thread accumulates its own
+// values in a Policy::Local in acc_t first.
 // ---------------------------------------------------------------------------------------------
 
 template <typename T>
 struct GradSums {
   T dy;     // sum g
   T dy_xc;  // sum g * (x - mean)
+  T xc;     // sum x - mean (recentring, bn_recentre)
 };
+
+// The shift of a thread's accumulation: its first value, or 0 when that is not finite (an inf shift
+// would turn the finite values' differences into inf - inf).
+template <typename T>
+__device__ T shift_for(T first) {
+  return first - first == T(0) ? first : T(0);
+}
 
 template <typename State> struct StateOps;
 
@@ -109,10 +126,13 @@ struct StateOps<WelfordState<T>> {
 template <typename T>
 struct StateOps<GradSums<T>> {
   using State = GradSums<T>;
-  static __device__ State identity() { return State{T(0), T(0)}; }
-  static __device__ State merge(const State& a, const State& b) { return State{a.dy + b.dy, a.dy_xc + b.dy_xc}; }
+  static __device__ State identity() { return State{T(0), T(0), T(0)}; }
+  static __device__ State merge(const State& a, const State& b) {
+    return State{a.dy + b.dy, a.dy_xc + b.dy_xc, a.xc + b.xc};
+  }
   static __device__ State shfl_down(const State& s, int offset) {
-    return State{__shfl_down_sync(kFullMask, s.dy, offset), __shfl_down_sync(kFullMask, s.dy_xc, offset)};
+    return State{__shfl_down_sync(kFullMask, s.dy, offset), __shfl_down_sync(kFullMask, s.dy_xc, offset),
+                 __shfl_down_sync(kFullMask, s.xc, offset)};
   }
 };
 
@@ -142,6 +162,16 @@ struct LpState {
   MaxAbs<T> max;       // p = inf
 };
 
+// A thread's l_p accumulation: sum (x - shift) (shift_for its first value), sum |x|^p, max |x|.
+template <typename T>
+struct LpLocal {
+  T shift;
+  T sum;
+  T pow;
+  MaxAbs<T> max;
+  int64_t count;
+};
+
 template <typename T>
 struct StateOps<LpState<T>> {
   using State = LpState<T>;
@@ -158,32 +188,71 @@ struct StateOps<LpState<T>> {
 
 // ---------------------------------------------------------------------------------------------
 // Reduction policies: what a reduction loads per element and how it accumulates it.
+//   Local start()                         a thread's empty accumulator (acc_t)
 //   Channel channel(c)                    per-channel constants, loaded once per thread
 //   Item load(i)                          the element's inputs (issued kUnroll at a time)
-//   accumulate(state, item, channel, i, pos)   i: flat offset, pos: position n * S + s of the
+//   accumulate(local, item, channel, i, pos)   i: flat offset, pos: position n * S + s of the
 //                                             element within its channel (known to both reduce
 //                                             kernels without a division)
+//   State partial(local)                  the thread's fp64 partial, merged from there on
+// reads(channel) (a free function, true unless overloaded) says whether a thread loads its
+// channel's values at all.
 // ---------------------------------------------------------------------------------------------
 
-// Batch statistics: Welford update per element (csrc/common/welford.h).
+template <typename Channel>
+__device__ bool reads(const Channel&) {
+  return true;
+}
+
+// BatchNormStatsPolicy's channel: `live` unless only the channels whose mean residual matters are
+// wanted (the BatchNorm+ReLU backward recomputing the forward's residual).
+struct StatsChannel {
+  bool live;
+};
+__device__ bool reads(const StatsChannel& ch) { return ch.live; }
+
+// A thread's Welford state of x - shift (shift_for its first value).
+template <typename T>
+struct ShiftedWelford {
+  T shift;
+  WelfordState<T> d;
+};
+
+// Batch statistics: Welford update per element (csrc/common/welford.h) around the thread's shift.
+// With `mean` and `invstd` (the saved statistics) only the channels where bn_mean_residual_matters
+// are read; the others' partials are empty.
 template <typename scalar_t, typename acc_t>
 struct BatchNormStatsPolicy {
-  using State = WelfordState<acc_t>;
+  using State = WelfordState<double>;
+  using Local = ShiftedWelford<acc_t>;
   using Item = acc_t;
-  struct Channel {};
+  using Channel = StatsChannel;
   const scalar_t* __restrict__ x;
+  const acc_t* __restrict__ mean = nullptr;
+  const acc_t* __restrict__ invstd = nullptr;
 
-  __device__ Channel channel(int64_t) const { return Channel{}; }
+  __device__ Local start() const { return Local{acc_t(0), welford_init<acc_t>()}; }
+  __device__ Channel channel(int64_t c) const {
+    return Channel{mean == nullptr || bn_mean_residual_matters(mean[c], invstd[c])};
+  }
   __device__ Item load(int64_t i) const { return to_acc(x[i]); }
-  __device__ void accumulate(State& s, const Item& v, const Channel&, int64_t, int64_t) const { welford_update(s, v); }
+  __device__ void accumulate(Local& s, const Item& v, const Channel&, int64_t, int64_t) const {
+    if (s.d.count == 0) s.shift = shift_for(v);
+    welford_update(s.d, v - s.shift);
+  }
+  __device__ State partial(const Local& s) const {
+    return State{static_cast<double>(s.shift) + static_cast<double>(s.d.mean), static_cast<double>(s.d.m2), s.d.count};
+  }
 };
 
 // Backward sums: g = dy masked by the ReLU recomputed from x (bn_masked_grad),
 //   sum_dy += g,  sum_dy_xc += g * (x - mean).
 // WRITE_EVAL_GRAD (eval mode, statistics are constants): also dx = g * invstd * w in this pass.
+// mean_lo: the forward's residual of the mean (the ReLU mask is the forward's), or null (0).
 template <typename scalar_t, typename acc_t, bool RELU, bool WRITE_EVAL_GRAD>
 struct GradSumsPolicy {
-  using State = GradSums<acc_t>;
+  using State = GradSums<double>;
+  using Local = GradSums<acc_t>;
   struct Item {
     acc_t x, dy;
   };
@@ -194,32 +263,52 @@ struct GradSumsPolicy {
   const acc_t* __restrict__ mean;
   const acc_t* __restrict__ scale;  // invstd * weight
   const acc_t* __restrict__ shift;  // bias
+  const acc_t* __restrict__ mean_lo = nullptr;
 
-  __device__ Channel channel(int64_t c) const { return Channel{mean[c], scale[c], shift[c]}; }
+  __device__ Local start() const { return Local{acc_t(0), acc_t(0), acc_t(0)}; }
+  __device__ Channel channel(int64_t c) const {
+    return Channel{mean[c], scale[c], shift[c], mean_lo != nullptr ? mean_lo[c] : acc_t(0)};
+  }
   __device__ Item load(int64_t i) const { return Item{to_acc(x[i]), to_acc(dy[i])}; }
-  __device__ void accumulate(State& s, const Item& v, const Channel& a, int64_t i, int64_t) const {
+  __device__ void accumulate(Local& s, const Item& v, const Channel& a, int64_t i, int64_t) const {
     const acc_t g = bn_masked_grad(v.dy, v.x, a, RELU);
+    const acc_t xc = v.x - a.mean;
     s.dy += g;
-    s.dy_xc += g * (v.x - a.mean);
+    s.dy_xc += g * xc;
+    s.xc += xc;
     if (WRITE_EVAL_GRAD) store(dx + i, g * a.scale);
+  }
+  __device__ State partial(const Local& s) const {
+    return State{static_cast<double>(s.dy), static_cast<double>(s.dy_xc), static_cast<double>(s.xc)};
   }
 };
 
+// l_p statistics: sum (x - shift), and sum |x|^p or the first max |x|, per thread; the partial's sum
+// is count * shift + sum in fp64 (for an fp32 shift an exact product: 24 bits times a count far
+// below 2^29).
 template <typename scalar_t, typename acc_t, LpKind P>
 struct LpNormStatsPolicy {
-  using State = LpState<acc_t>;
+  using State = LpState<double>;
+  using Local = LpLocal<acc_t>;
   using Item = acc_t;
   struct Channel {};
   const scalar_t* __restrict__ x;
 
+  __device__ Local start() const { return Local{acc_t(0), acc_t(0), acc_t(0), maxabs_init<acc_t>(), 0}; }
   __device__ Channel channel(int64_t) const { return Channel{}; }
   __device__ Item load(int64_t i) const { return to_acc(x[i]); }
   // Each thread sees its channel's values in increasing position, so the strict comparison of
   // maxabs_update keeps the first arg-max; merges break ties by position.
-  __device__ void accumulate(State& s, const Item& v, const Channel&, int64_t, int64_t pos) const {
-    s.sum += v;
+  __device__ void accumulate(Local& s, const Item& v, const Channel&, int64_t, int64_t pos) const {
+    if (s.count == 0) s.shift = shift_for(v);
+    s.count += 1;
+    s.sum += v - s.shift;
     if (P == LpKind::kLinf) maxabs_update(s.max, v, pos);
     else s.pow += lp_power(v, P);
+  }
+  __device__ State partial(const Local& s) const {
+    return State{static_cast<double>(s.count) * static_cast<double>(s.shift) + static_cast<double>(s.sum),
+                 static_cast<double>(s.pow), MaxAbs<double>{static_cast<double>(s.max.max), s.max.index}};
   }
 };
 
@@ -239,10 +328,10 @@ planar_reduce_kernel(Policy p, int64_t N, int64_t C, int64_t S, int64_t per_grou
   const int64_t c = blockIdx.x, g = blockIdx.y;
   const int64_t end = min64(N * S, (g + 1) * per_group);
   const auto channel = p.channel(c);
-  State s = StateOps<State>::identity();
+  typename Policy::Local s = p.start();
   int64_t j = g * per_group + threadIdx.x;
   Digits d = digits_of(j, S, N);
-  for (; j < end; j += kThreads * kUnroll) {
+  for (; j < end && reads(channel); j += kThreads * kUnroll) {
     typename Policy::Item item[kUnroll];
     int64_t offset[kUnroll];
 #pragma unroll
@@ -256,8 +345,8 @@ planar_reduce_kernel(Policy p, int64_t N, int64_t C, int64_t S, int64_t per_grou
       if (j + k * kThreads < end) p.accumulate(s, item[k], channel, offset[k], j + k * kThreads);
     }
   }
-  s = block_merge(s, 1);
-  if (threadIdx.x == 0) partial[g * C + c] = s;
+  const State total = block_merge(p.partial(s), 1);
+  if (threadIdx.x == 0) partial[g * C + c] = total;
 }
 
 // Interleaved x[m][c] (M rows of C channels). The block is `width` channels x (kThreads / width)
@@ -272,8 +361,8 @@ interleaved_reduce_kernel(Policy p, int64_t M, int64_t C, int width, int64_t row
   const int64_t c = static_cast<int64_t>(blockIdx.x) * width + threadIdx.x % width;
   const int64_t g = blockIdx.y;
   const int64_t end = min64(M, (g + 1) * rows_per_group);
-  State s = StateOps<State>::identity();
-  if (c < C) {
+  typename Policy::Local s = p.start();
+  if (c < C && reads(p.channel(c))) {
     const auto channel = p.channel(c);
     for (int64_t row = g * rows_per_group + threadIdx.x / width; row < end; row += height * kUnroll) {
       typename Policy::Item item[kUnroll];
@@ -287,8 +376,8 @@ interleaved_reduce_kernel(Policy p, int64_t M, int64_t C, int width, int64_t row
       }
     }
   }
-  s = block_merge(s, width);  // every thread takes part in the shuffles
-  if (static_cast<int>(threadIdx.x) < width && c < C) partial[g * C + c] = s;
+  const State total = block_merge(p.partial(s), width);  // every thread takes part in the shuffles
+  if (static_cast<int>(threadIdx.x) < width && c < C) partial[g * C + c] = total;
 }
 
 // Per channel: merge the G partials (one warp per channel: lane l takes g = l, l + 32, ... in
@@ -369,14 +458,14 @@ void reduce_and_merge(const Policy& p, const Geometry& g, const at::Tensor& like
   State* partial = partial_buffer<State>(storage, plan, g, like);
   const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.groups));
   if (g.interleaved) {
-    interleaved_reduce_kernel<Policy><<<grid, kThreads, 0, stream>>>(p, g.rows(), g.C, plan.width, plan.per_group, partial);
+    launch(interleaved_reduce_kernel<Policy>, grid, kThreads, 0, stream, p, g.rows(), g.C, plan.width, plan.per_group, partial);
   } else {
-    planar_reduce_kernel<Policy><<<grid, kThreads, 0, stream>>>(p, g.N, g.C, g.S, plan.per_group,
-                                                                digit_step(kThreads, g.S, g.N), partial);
+    launch(planar_reduce_kernel<Policy>, grid, kThreads, 0, stream, p, g.N, g.C, g.S, plan.per_group,
+           digit_step(kThreads, g.S, g.N), partial);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const unsigned merge_blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(g.C, kWarps), 1 << 16));
-  merge_partials_kernel<State, Finish><<<merge_blocks, kThreads, 0, stream>>>(partial, plan.groups, g.C, finish);
+  launch(merge_partials_kernel<State, Finish>, merge_blocks, kThreads, 0, stream, partial, plan.groups, g.C, finish);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -11,14 +11,13 @@
 namespace bnext {
 namespace {
 
-// Welford totals -> fp64 (mean, m2) for the cross-rank merge.
-template <typename acc_t>
+// Welford totals (fp64, csrc/cuda/reduce.cuh) -> (mean, m2) for the cross-rank merge.
 struct StatsM2Finish {
   double* mean;
   double* m2;
-  __device__ void operator()(int64_t c, const WelfordState<acc_t>& s) const {
-    mean[c] = static_cast<double>(s.mean);
-    m2[c] = static_cast<double>(s.m2);
+  __device__ void operator()(int64_t c, const WelfordState<double>& s) const {
+    mean[c] = s.mean;
+    m2[c] = s.m2;
   }
 };
 
@@ -42,16 +41,15 @@ struct SyncBackwardOp {
   }
 };
 
-// l_p totals -> fp64 (sum x, sum |x|^p or max |x|) and the arg-max position, for the cross-rank merge.
-template <typename acc_t>
+// l_p totals (fp64) -> (sum x, sum |x|^p or max |x|) and the arg-max position, for the cross-rank merge.
 struct LpSumsFinish {
   double* sum;
   double* power;
   int64_t* argmax;
   LpKind p;
-  __device__ void operator()(int64_t c, const LpState<acc_t>& s) const {
-    sum[c] = static_cast<double>(s.sum);
-    power[c] = static_cast<double>(p == LpKind::kLinf ? s.max.max : s.pow);
+  __device__ void operator()(int64_t c, const LpState<double>& s) const {
+    sum[c] = s.sum;
+    power[c] = p == LpKind::kLinf ? s.max.max : s.pow;
     argmax[c] = p == LpKind::kLinf ? s.max.index : -1;
   }
 };
@@ -65,7 +63,7 @@ struct SyncKernels<Cuda> {
     using acc_t = at::opmath_type<scalar_t>;
     using dev_t = typename DeviceScalar<scalar_t>::type;
     reduce_and_merge(BatchNormStatsPolicy<dev_t, acc_t>{device_ptr<scalar_t>(x)}, g, x, sm_count(x.device()),
-                     StatsM2Finish<acc_t>{mean.mutable_data_ptr<double>(), m2.mutable_data_ptr<double>()},
+                     StatsM2Finish{mean.mutable_data_ptr<double>(), m2.mutable_data_ptr<double>()},
                      c10::cuda::getCurrentCUDAStream());
   }
 
@@ -77,7 +75,7 @@ struct SyncKernels<Cuda> {
     with_lp_kind(kind, [&](auto P) {
       reduce_and_merge(LpNormStatsPolicy<dev_t, acc_t, decltype(P)::value>{device_ptr<scalar_t>(x)}, g, x,
                        sm_count(x.device()),
-                       LpSumsFinish<acc_t>{sum.mutable_data_ptr<double>(), power.mutable_data_ptr<double>(),
+                       LpSumsFinish{sum.mutable_data_ptr<double>(), power.mutable_data_ptr<double>(),
                                            argmax.mutable_data_ptr<int64_t>(), kind},
                        c10::cuda::getCurrentCUDAStream());
     });

@@ -1,0 +1,3 @@
+#pragma once
+// Stand-in for the CUDA half-precision header under the SIMT emulation (csrc/simt/half.h).
+#include "../half.h"
