@@ -300,48 +300,50 @@ def landscape(runs: Runs, norms: Sequence[str], lr: float, path: Path, title: st
 
 
 def drift(runs: Runs, norms: Sequence[str], lr: float, path: Path, title: str, group: str = "main") -> Optional[Path]:
-    """Per-step change of each layer's activation statistics: relative to each channel's own scale
-    (|d mu|/sigma + |d var|/var, what claims 2 and 5 compare) and, for reference, in absolute units."""
+    """(a) The drift claims 2 and 5 compare: on the fixed probe batch, between consecutive measurement points,
+    of the input the next layer sees, |d mu|/sigma + |d sigma|/sigma per channel (mean over channels and
+    layers; mean over seeds with a min-max band), and dotted its sampling floor (the same statistic between
+    the two halves of the probe batch). (b) The same per layer, mean over point pairs. (c) For reference only,
+    the per-step change of the normalization layers' outputs (batch t against t-1): BN pins their mean and
+    variance by construction, so it cannot decide anything."""
+    from .analysis import probe_drift_steps
     norms = [n for n in norms if runs.get((group, n, lr))]
     if not norms:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for n in norms:
         seeds = runs[(group, n, lr)]
-        sm = _smooth_for(seeds)
+        per_seed, floors, per_layer = [], [], []
+        for recs in seeds:
+            meas = [r for r in recs if r["type"] == "measure"]
+            pts = probe_drift_steps(meas)
+            per_seed.append([{"type": "p", "step": t, "v": float(np.mean(list(d.values()))) if d else None}
+                             for t, d in pts])
+            floors.append([{"type": "p", "step": m["step"], "v": float(np.mean(
+                [v["floor"] for v in m["probe_stats"].values() if v.get("floor") is not None] or [np.nan]))}
+                for m in meas if m.get("probe_stats")])
+            if pts:
+                names = list(pts[-1][1])
+                per_layer.append([np.nanmean([d.get(k, np.nan) for _, d in pts]) for k in names])
+        _plot(axes[0], _series(per_seed, "p", "v"), n)
+        _plot(axes[0], _series(floors, "p", "v"), n, label="_nolegend_", band=False, linestyle=":", linewidth=1)
+        if per_layer and len({len(p) for p in per_layer}) == 1:
+            m = np.nanmean(np.array(per_layer), 0)
+            axes[1].plot(np.arange(2, len(m) + 2), m, marker="o", ms=4, color=COLORS.get(n), label=LABELS.get(n, n))
 
         def rel(r):
             vals = [v for v in (r.get("drift_rel") or []) if v is not None]
             return sum(vals) / len(vals) if vals else None
-
-        def total(r):
-            dm, dv = r.get("drift_mean") or [], r.get("drift_var") or []
-            vals = [a + b for a, b in zip(dm, dv) if a is not None and b is not None]
-            return sum(vals) / len(vals) if vals else None
-        _plot(axes[0], _series(seeds, "train", rel, smooth=sm), n)
-        _plot(axes[2], _series(seeds, "train", total, smooth=sm), n)
-        per_layer = []
-        for recs in seeds:
-            rows = [r["drift_rel"] for r in recs if r["type"] == "train" and r.get("drift_rel")]
-            arr = np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
-            if arr.size:
-                with np.errstate(all="ignore"), warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    per_layer.append(np.nanmean(arr, 0))
-        if per_layer:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                m = np.nanmean(np.array(per_layer), 0)
-            axes[1].plot(np.arange(1, len(m) + 1), m, marker="o", ms=4, color=COLORS.get(n), label=LABELS.get(n, n))
-    axes[0].set_ylabel("mean over layers of |d mu|/sigma + |d var|/var (log)")
-    axes[0].set_xlabel("training step")
-    axes[0].set_title("(a) relative activation drift per step")
-    axes[1].set_ylabel("|d mu|/sigma + |d var|/var, mean over steps (log)")
-    axes[1].set_xlabel("layer # (normalization output)")
-    axes[1].set_title("(b) relative drift per layer")
-    axes[2].set_ylabel("mean over layers of |d mean| + |d var| (log)")
+        _plot(axes[2], _series(seeds, "train", rel, smooth=_smooth_for(seeds)), n)
+    axes[0].set_ylabel("|d mu|/sigma + |d sigma|/sigma, mean over layers (log)")
+    axes[0].set_xlabel("training step (drift since the previous measurement)")
+    axes[0].set_title("(a) drift on the fixed probe batch (dotted: sampling floor)")
+    axes[1].set_ylabel("|d mu|/sigma + |d sigma|/sigma, mean over points (log)")
+    axes[1].set_xlabel("layer # whose input is measured")
+    axes[1].set_title("(b) probe-batch drift per layer")
+    axes[2].set_ylabel("|d mu|/sigma + |d var|/var per step (log)")
     axes[2].set_xlabel("training step")
-    axes[2].set_title("(c) absolute drift per step (for reference)")
+    axes[2].set_title("(c) norm-layer outputs, batch t vs t-1 (reference only)")
     for ax in axes:
         ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
