@@ -157,7 +157,8 @@ def curves(runs: Runs, norms: Sequence[str], lrs: Sequence[float], path: Path, t
 
 def histograms(runs: Runs, norms: Sequence[str], layers: Sequence[int], lr: float, path: Path, title: str,
                group: str = "main", max_times: int = 5,
-               xlabel: str = "pre-activation (output of conv -> norm)") -> Optional[Path]:
+               xlabel: str = "pre-activation (output of conv -> norm)",
+               paper: Optional[Dict[int, int]] = None) -> Optional[Path]:
     """Activation densities (normalization layer output) of chosen layers at several training steps (seed 0)."""
     norms = [n for n in norms if runs.get((group, n, lr))]
     if not norms:
@@ -183,7 +184,7 @@ def histograms(runs: Runs, norms: Sequence[str], layers: Sequence[int], lr: floa
                         label=f"step {m['step']}")
             if i == 0:
                 ax.set_title(f"{LABELS.get(n, n)}", color=COLORS.get(n))
-            ax.set_ylabel(f"layer #{layer}: density")
+            ax.set_ylabel(f"layer {_layer_name(layer, paper)}: density")
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)
             if i == 0 and j == len(norms) - 1:
@@ -192,9 +193,16 @@ def histograms(runs: Runs, norms: Sequence[str], layers: Sequence[int], lr: floa
     return _save(fig, path)
 
 
+def _layer_name(layer: int, paper: Optional[Dict[int, int]]) -> str:
+    """'#k', with the paper's number beside it where this network's layer stands for another one."""
+    p = (paper or {}).get(layer)
+    return f"#{layer}" + (f" (paper's #{p})" if p is not None and p != layer else "")
+
+
 def ics(runs: Runs, norms: Sequence[str], layers: Sequence[int], lrs: Sequence[float], path: Path,
-        title: str, group: str = "main") -> Optional[Path]:
-    """Definition 2.1 over training: ||G - G'|| (top) and cos(G, G') (bottom) per chosen layer and LR."""
+        title: str, group: str = "main", paper: Optional[Dict[int, int]] = None) -> Optional[Path]:
+    """Definition 2.1 over training: ||G - G'|| (top) and cos(G, G') (bottom) per chosen layer and LR;
+    `paper`: this network's layer -> the paper's layer it stands for (named in the titles)."""
     cols = [(layer, lr) for lr in lrs for layer in layers if any(runs.get((group, n, lr)) for n in norms)]
     if not cols:
         return None
@@ -216,7 +224,7 @@ def ics(runs: Runs, norms: Sequence[str], layers: Sequence[int], lrs: Sequence[f
             if s is not None:
                 l2_vals += [v for v in s[1].tolist() if math.isfinite(v)]
             _plot(axes[1][j], _series(seeds, "measure", pick("cosine")), n, marker=".", ms=4)
-        axes[0][j].set_title(f"layer #{layer}, LR = {lr:g}")
+        axes[0][j].set_title(f"layer {_layer_name(layer, paper)}, LR = {lr:g}")
         axes[0][j].set_ylabel("||G - G'||  (l2 difference)")
         _logy_if_span(axes[0][j], l2_vals)
         axes[1][j].set_ylabel("cos(G, G')")

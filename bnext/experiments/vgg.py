@@ -239,17 +239,20 @@ def make_report(ctx) -> tuple:
     add(figures.curves(runs, ["none", "bn"], sorted(cfg.lrs), out / "fig1_accuracy.png",
                        "Fig 1: VGG with and without BatchNorm"), "Fig 1 (a, b): training and test curves, BN vs standard")
     fig1_layers = _own_layers(cfg, (3, 11))
+    paper = {paper_layer(p, cfg.arch): p for p in PAPER_HIST_LAYERS + PAPER_ICS_LAYERS}  # own layer -> paper's
     add(figures.histograms(runs, ["none", "bn"], fig1_layers, ref,
-                           out / "fig1_histograms.png", f"Fig 1 (c): activation distributions (LR {ref:g})"),
+                           out / "fig1_histograms.png", f"Fig 1 (c): activation distributions (LR {ref:g})",
+                           paper=paper),
         f"Fig 1 (c): activation histograms, layers {_layer_names(cfg, (3, 11))}")
     add(figures.curves(runs, ["none", "bn", "noisy_bn", PLAIN_NOISE], sorted(cfg.lrs), out / "fig2_noisy_bn.png",
                        "Fig 2: noisy BatchNorm (Algorithm 1)"), "Fig 2: noisy BN training and test curves")
     add(figures.histograms(runs, ["none", "bn", "noisy_bn"], _own_layers(cfg, (2, 9, 13)), ref,
-                           out / "fig2_histograms.png", f"Fig 2: activation distributions (LR {ref:g})"),
+                           out / "fig2_histograms.png", f"Fig 2: activation distributions (LR {ref:g})",
+                           paper=paper),
         f"Fig 2: activation histograms, layers {_layer_names(cfg, (2, 9, 13))}")
     add(figures.ics(runs, ["none", "bn"], cfg.ics_layers, ics_lrs, out / "fig3_ics.png",
-                    "Fig 3: internal covariate shift (Definition 2.1), VGG"),
-        f"Fig 3: ICS, VGG, layers {', '.join(f'#{k}' for k in cfg.ics_layers)}")
+                    "Fig 3: internal covariate shift (Definition 2.1), VGG", paper=paper),
+        f"Fig 3: ICS, VGG, layers {_layer_names(cfg, PAPER_ICS_LAYERS)}")
     add(figures.landscape(runs, main, ref, out / "fig4_landscape.png", "Fig 4: landscape along the gradient, VGG"),
         "Fig 4: loss landscape, gradient predictiveness, beta-smoothness")
     add(figures.curves(runs, ["none", "bn", "l1", "l2", "linf"], sorted(cfg.lrs), out / "fig_lp_curves.png",
