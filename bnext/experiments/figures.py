@@ -343,15 +343,15 @@ def drift(runs: Runs, norms: Sequence[str], lr: float, path: Path, title: str, g
             vals = [v for v in (r.get("drift_rel") or []) if v is not None]
             return sum(vals) / len(vals) if vals else None
         _plot(axes[2], _series(seeds, "train", rel, smooth=_smooth_for(seeds)), n)
-    axes[0].set_ylabel("|d mu|/sigma + |d sigma|/sigma, mean over layers (log)")
+    axes[0].set_ylabel("|d mu|/sigma + |d sigma|/sigma, mean over layers", fontsize=8)
     axes[0].set_xlabel("training step (drift since the previous measurement)")
-    axes[0].set_title("(a) drift on the fixed probe batch (dotted: sampling floor)")
-    axes[1].set_ylabel("|d mu|/sigma + |d sigma|/sigma, mean over points (log)")
+    axes[0].set_title("(a) probe-batch drift (dotted: sampling floor)")
+    axes[1].set_ylabel("|d mu|/sigma + |d sigma|/sigma, mean over points", fontsize=8)
     axes[1].set_xlabel("layer # whose input is measured")
     axes[1].set_title("(b) probe-batch drift per layer")
-    axes[2].set_ylabel("|d mu|/sigma + |d var|/var per step (log)")
+    axes[2].set_ylabel("|d mu|/sigma + |d var|/var per step", fontsize=8)
     axes[2].set_xlabel("training step")
-    axes[2].set_title("(c) norm-layer outputs, batch t vs t-1 (reference only)")
+    axes[2].set_title("(c) norm outputs, batch t vs t-1 (reference)")
     for ax in axes:
         ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
