@@ -376,7 +376,7 @@ def test_claim4_no_point_with_both_progressing_or_a_stuck_baseline_is_inconclusi
 # Claim 5
 # ------------------------------------------------------------------------------------------------
 
-def _claim5(lp_acc=None, lp_loss=None, lp_kurt=None, lp_drift=1.0, lp_smooth=1.0, none_loss=None):
+def _claim5(lp_acc=None, lp_loss=None, lp_kurt=None, lp_drift=1.0, lp_smooth=1.0, none_loss=None, drift_pinned=None):
     pts = (20, 30, 60, 70)
     grid = _claim4_runs({t: 1.0 for t in pts}, {t: 5.0 for t in pts})   # supplies bn and none with probe points
     bn, none = grid.get("bn", 0.1), grid.get("none", 0.1)
@@ -395,7 +395,7 @@ def _claim5(lp_acc=None, lp_loss=None, lp_kurt=None, lp_drift=1.0, lp_smooth=1.0
         for i, r in enumerate(runs):
             r.update({k: v[i % 3] for k, v in kw.items()})
             r["drift_floor"] = 0.05
-    return analysis.claim5(Grid(bn + none + lps, {}), 0.1)
+    return analysis.claim5(Grid(bn + none + lps, {}), 0.1, drift_pinned=drift_pinned)
 
 
 def test_claim5_each_part_both_ways():
@@ -410,6 +410,9 @@ def test_claim5_each_part_both_ways():
     assert _claim5(lp_smooth=20.0).verdict == NOT_REPRODUCED                    # rougher landscape
     c = _claim5()
     assert "l1:" in c.measured and "sampling floor" in c.measured and "votes" in c.measured
+    # where the normalization pins the next layer's input (the DLN), the drift part is not decided
+    c = _claim5(drift_pinned="pinned")
+    assert c.verdict == INCONCLUSIVE and "not decided: pinned" in c.measured
 
 
 def test_claim5_compares_losses_where_there_is_no_accuracy():

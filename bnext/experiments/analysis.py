@@ -736,7 +736,9 @@ def _as_well_as(lp: List[dict], bn: List[dict]) -> tuple:
     return _not_worse(compare(a, b), 1), "final loss " + versus(a, b, ("l_p", "BN"))
 
 
-def claim5(g: Grid, lr: float, label: str = "5") -> Claim:
+def claim5(g: Grid, lr: float, label: str = "5", drift_pinned: Optional[str] = None) -> Claim:
+    """drift_pinned: why the drift part cannot be decided in this network (then it is inconclusive, its numbers
+    still shown), e.g. in the DLN, where the next layer's input is the normalization's own output."""
     rule = ("at the reference LR, for each l_p network: it trains as well as BN (final training accuracy, or loss "
             "where there is no accuracy, not worse than BN's beyond the margin) and better than the unnormalized "
             "network (final loss lower); its landscape is smoother than the unnormalized network's by claim 4's "
@@ -759,6 +761,8 @@ def claim5(g: Grid, lr: float, label: str = "5") -> Claim:
         smooth, smooth_text, _ = smoother(lp, none, 0.0, 1.0, (p, "none"))
         kl, kb = stat(lp, "kurtosis_pooled"), stat(bn, "kurtosis_pooled")
         drift, drift_text = _drift_part(lp, none, (p, "none"))
+        if drift_pinned:
+            drift, drift_text = None, drift_text + f" (not decided: {drift_pinned})"
         parts += [well, _sign(compare(fl, fn), -1), smooth, _sign(compare(kl, kb), 1), drift]
         notes.append(f"{p}: {well_text}; final loss " + versus(fl, fn, (p, "none")) + f"; landscape: {smooth_text}; "
                      "pooled |kurtosis| " + versus(kl, kb, (p, "BN")) + f"; {drift_text}")
