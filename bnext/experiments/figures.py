@@ -122,7 +122,8 @@ def curves(runs: Runs, norms: Sequence[str], lrs: Sequence[float], path: Path, t
         rows.append(("acc", "training accuracy (%)"))
     if with_test:
         rows.append(("test_acc", "test accuracy (%)"))
-    fig, axes = plt.subplots(len(rows), len(lrs), figsize=(4.6 * len(lrs), 3.0 * len(rows)), squeeze=False)
+    # at least ~7 inches wide: a single-LR figure must still hold the legend row below it
+    fig, axes = plt.subplots(len(rows), len(lrs), figsize=(max(7.0, 4.6 * len(lrs)), 3.0 * len(rows)), squeeze=False)
     for j, lr in enumerate(lrs):
         for i, (key, ylabel) in enumerate(rows):
             ax = axes[i][j]
@@ -150,8 +151,10 @@ def curves(runs: Runs, norms: Sequence[str], lrs: Sequence[float], path: Path, t
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.suptitle(title)
     if handles:  # one legend for the figure, below the panels, so it hides no curve
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9)
-        fig.tight_layout(rect=(0, 0.45 / fig.get_figheight(), 1, 1))
+        ncol = min(len(labels), 3 if len(lrs) == 1 else 6)
+        nrow = -(-len(labels) // ncol)
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9)
+        fig.tight_layout(rect=(0, (0.2 + 0.25 * nrow) / fig.get_figheight(), 1, 1))
     return _save(fig, path, layout=not handles)
 
 
