@@ -1,5 +1,5 @@
 """The experiment suite (bnext.experiments): tiny end-to-end runs of both commands, resume, measurement
-invariance, torchrun with 2 CPU processes, and the claim rules on hand-made summaries."""
+invariance, torchrun with 2 CPU processes (the claim rules are pinned in tests/test_claims.py)."""
 import dataclasses
 import json
 import math
@@ -66,7 +66,7 @@ def test_vgg_end_to_end_every_artifact(tmp_path):
     figs = ["fig1_accuracy.png", "fig1_histograms.png", "fig2_noisy_bn.png", "fig2_histograms.png",
             "fig4_landscape.png", "fig_lp_curves.png", "fig_drift.png", "fig_lr_sweep.png", "fig3_ics.png",
             "fig_curvature.png"]
-    rows, summary = _check_report(out, ["1", "2", "2 (noise alone)", "3", "4", "5", "6", "1b", "4b"], figs)
+    rows, summary = _check_report(out, ["1", "2", "2 (noise alone)", "3", "4 (early)", "4 (late)", "5", "6", "1b", "4b"], figs)
     stats = summary["data_source"]["statistics"]  # the synthetic data's pixel statistics travel with the results
     assert set(stats) == {"neighbour_correlation", "difference_kurtosis", "channel_mean", "channel_std"}
     assert json.loads((out / "config.json").read_text())["data_source"]["statistics"] == stats
@@ -87,6 +87,10 @@ def test_vgg_end_to_end_every_artifact(tmp_path):
     assert sorted(meas[0]["hist"], key=int) == ["1", "2", "5", "7", "8"]
     assert len(meas[0]["ics"]) == 8 and len(meas[0]["probe"]["losses"]) == 3
     assert meas[0]["thm41"] is not None
+    # the drift's probe batch: the input of every conv after the first (7 of them), with its sampling floor
+    assert len(meas[0]["probe_stats"]) == 7
+    assert all(len(v["mean"]) == len(v["std"]) and v["floor"] is not None for v in meas[0]["probe_stats"].values())
+    assert runs["main-bn-lr0.1-s0"]["drift_probe"] is not None
     evals = [r for r in recs if r["type"] == "eval"]
     assert [r["step"] for r in evals] == [0, 3, 6]
     # rerunning the same command skips every finished run and rewrites the same claims
@@ -98,11 +102,14 @@ def test_vgg_end_to_end_every_artifact(tmp_path):
 
 def test_dln_end_to_end(tmp_path):
     out = tmp_path / "dln"
-    assert _run(dln, TINY_DLN + ["--out", str(out)]) == 0
+    assert _run(dln, TINY_DLN + ["--out", str(out), "--lrs", "1e-6", "--ics-lrs", "1e-7"]) == 0
     figs = ["dln_loss.png", "dln_drift.png", "dln_ics.png", "dln_landscape.png", "dln_histograms.png"]
-    _, summary = _check_report(out, ["1 (DLN)", "3 (DLN)", "4 (DLN)", "6"], figs)
+    _, summary = _check_report(out, ["1 (DLN)", "3 (DLN)", "4 (DLN) (early)", "4 (DLN) (late)", "5 (DLN)", "6"], figs)
     by_id = {s["run_id"]: s for s in summary["runs"]}
     assert by_id["main-bn-lr1e-06-s0"]["drift"] > 0 and by_id["main-none-lr1e-06-s0"]["drift"] > 0
+    # the probe-batch drift: between the measurements at steps 0, 6 and 11, at the inputs of linear #2..#6
+    assert by_id["main-none-lr1e-06-s0"]["drift_probe"] > 0
+    assert len(by_id["main-none-lr1e-06-s0"]["drift_probe_layers"]) == 5
     ids = {s["run_id"] for s in summary["runs"]}
     assert {"main-none-lr1e-06-s0", "main-bn-lr1e-06-s0", "main-none-lr1e-07-s0", "main-bn-lr1e-07-s0"} <= ids
 
@@ -117,11 +124,18 @@ def test_config_rejects_unknown_flags_and_applies_presets():
     assert cfg.seeds == [0, 1, 2] and cfg.hist_layers == [2, 3, 9, 11, 13] and cfg.ics_layers == [5, 10]
     cfg = _cfg(vgg, [])
     assert cfg.batch_size == 128 and cfg.momentum == 0.0 and cfg.init == "glorot" and cfg.lrs == [0.1, 0.5]
+    # three seeds by default; only the runs that can decide a claim (experiments README, "Quick preset")
+    assert cfg.seeds == [0, 1, 2] and cfg.ics_lrs == [] and cfg.channels_last
+    ids = [s.run_id for s in vgg.specs(cfg)]
+    assert len(ids) == 27 and "main-none-lr0.5-s2" in ids and "main-l1-lr0.5-s0" not in ids
+    assert "main-noise-lr0.1-s1" in ids and "main-noisy_bn-lr0.1-s2" in ids
     assert cfg.arch == "vgg11" and cfg.hist_layers == [1, 2, 5, 7, 8] and cfg.ics_layers == [3, 6]
     assert len(cfg.eta_multipliers()) == 8 and math.isclose(cfg.eta_multipliers()[-1], 4.0)
     assert _cfg(vgg, ["--arch", "vgg13"]).ics_layers == [5, 8]
     d = _cfg(dln, [])
-    assert (d.depth, d.dim, d.points, d.steps, d.lrs) == (25, 10, 1000, 4000, [1e-6])
+    assert (d.depth, d.dim, d.points, d.steps, d.lrs, d.ics_lrs) == (25, 10, 1000, 4000, [1e-7], [])
+    # the paper's regime: summed loss at LR 1e-7, probes no longer than the training step, three seeds
+    assert d.loss_reduction == "sum" and max(d.eta_multipliers()) <= 1.0 and d.seeds == [0, 1, 2]
     assert (d.hist_layers, d.ics_layers, d.eval_every, d.device, d.threads) == ([9, 17], [9, 17], 0, "cpu", 1)
     assert _cfg(dln, ["--preset", "paper"]).steps == 10000 and _cfg(dln, ["--preset", "paper"]).seeds == [0, 1, 2]
     # the VGG and DLN configs share their common options through one base class
@@ -225,70 +239,7 @@ def test_torchrun_two_cpu_processes_share_the_grid(tmp_path):
     assert parse_claims((out / "report.md").read_text())
 
 
-# ------------------------------------------------------------------------------ claim rules
-
-
-def _summary(norm, lr, seed=0, group="main", **kw):
-    s = {"spec": {"norm": norm, "lr": lr, "seed": seed, "group": group, "steps": 10, "measure": True},
-         "diverged": False, "diverged_step": None, "final_loss": 1.0, "final_acc": 0.5, "initial_loss": 2.3,
-         "drift": 0.1, "ics_cosine": 0.5, "ics_l2": 1.0, "loss_range": 1.0, "grad_pred": 1.0, "beta": 1.0,
-         "kurtosis": 0.1, "thm41_max_rel_err": 1e-6, "thm41_measurements": 3}
-    s.update(kw)
-    return s
-
-
-def test_claim_rules_verdicts():
-    g = analysis.Grid([_summary("bn", 0.1, final_loss=0.5), _summary("none", 0.1, final_loss=1.0),
-                       _summary("bn", 0.5, final_loss=0.6), _summary("none", 0.5, diverged=True, diverged_step=3,
-                                                                     final_loss=None)], {})
-    assert analysis.claim1(g, [0.1, 0.5]).verdict == analysis.REPRODUCED
-    g2 = analysis.Grid([_summary("bn", 0.1, final_loss=0.95), _summary("none", 0.1, final_loss=1.0)], {})
-    assert analysis.claim1(g2, [0.1]).verdict == analysis.INCONCLUSIVE  # inside 10% with one seed
-    g3 = analysis.Grid([_summary("bn", 0.1, final_loss=2.0), _summary("none", 0.1, final_loss=1.0)], {})
-    assert analysis.claim1(g3, [0.1]).verdict == analysis.NOT_REPRODUCED
-    # seeds: a margin inside the seed spread is inconclusive
-    g4 = analysis.Grid([_summary("bn", 0.1, 0, final_loss=0.5), _summary("bn", 0.1, 1, final_loss=1.5),
-                        _summary("none", 0.1, 0, final_loss=1.0), _summary("none", 0.1, 1, final_loss=1.2)], {})
-    assert analysis.claim1(g4, [0.1]).verdict == analysis.INCONCLUSIVE
-    # missing runs -> inconclusive, with the reason
-    g5 = analysis.Grid([_summary("bn", 0.1), _summary("none", 0.1, final_acc=0.2, drift=0.01)], {"noisy_bn": "absent"})
-    c2 = analysis.claim2(g5, 0.1)
-    assert c2.verdict == analysis.INCONCLUSIVE and "noisy_bn: absent" in c2.measured
-    g6 = analysis.Grid([_summary("bn", 0.1, acc_q3=0.9, acc_q4=0.9),
-                        _summary("noisy_bn", 0.1, acc_q3=0.86, acc_q4=0.87, drift_rel=1.0),
-                        _summary("none", 0.1, acc_q3=0.2, acc_q4=0.2, drift_rel=0.01)], {})
-    assert analysis.claim2(g6, 0.1).verdict == analysis.REPRODUCED
-    g7 = analysis.Grid([_summary("bn", 0.1, ics_cosine=0.9), _summary("none", 0.1, ics_cosine=0.5)], {})
-    assert analysis.claim3_vgg(g7, [0.1]).verdict == analysis.NOT_REPRODUCED
-    g7b = analysis.Grid([_summary("bn", 0.1, ics_cosine=0.2), _summary("none", 0.1, ics_cosine=0.9)], {})
-    assert analysis.claim3_vgg(g7b, [0.1]).verdict == analysis.REPRODUCED
-    g7c = analysis.Grid([_summary("bn", 0.1, ics_cosine=0.99), _summary("none", 0.1, ics_cosine=0.99)], {})
-    assert analysis.claim3_vgg(g7c, [0.1]).verdict == analysis.INCONCLUSIVE  # margin 0.05 < 10% of 0.99
-    g8 = analysis.Grid([_summary("bn", 1e-6, ics_cosine=0.1), _summary("none", 1e-6, ics_cosine=0.99)], {})
-    assert analysis.claim3_dln(g8, [1e-6]).verdict == analysis.REPRODUCED
-    g8b = analysis.Grid([_summary("bn", 1e-6, ics_cosine=0.99), _summary("none", 1e-6, ics_cosine=1.0)], {})
-    assert analysis.claim3_dln(g8b, [1e-6]).verdict == analysis.INCONCLUSIVE
-    g9 = analysis.Grid([_summary("bn", 0.1, loss_range=0.1, grad_pred=0.1, beta=0.5), _summary("none", 0.1)], {})
-    c4 = analysis.claim4(g9, 0.1)
-    assert c4.verdict == analysis.REPRODUCED and "BN/none = 0.1" in c4.measured
-    g10 = analysis.Grid([_summary("bn", 0.1, final_loss=0.5, kurtosis_pooled=0.1),
-                         _summary("none", 0.1, final_loss=2.0, drift_rel=0.01)]
-                        + [_summary(p, 0.1, final_loss=0.55, kurtosis_pooled=2.0, drift_rel=1.0)
-                           for p in ("l1", "l2", "linf")], {})
-    assert analysis.claim5(g10, 0.1).verdict == analysis.REPRODUCED
-    assert analysis.claim6([_summary("bn", 0.1)]).verdict == analysis.REPRODUCED
-    assert analysis.claim6([_summary("bn", 0.1, thm41_max_rel_err=1e-2)]).verdict == analysis.NOT_REPRODUCED
-    assert analysis.claim6([_summary("bn", 0.1, thm41_max_rel_err=None)]).verdict == analysis.INCONCLUSIVE
-    unmeasured = _summary("bn", 0.1, group="sweep", thm41_max_rel_err=None)
-    unmeasured["spec"]["measure"] = False
-    assert analysis.claim6([_summary("bn", 0.1), unmeasured]).verdict == analysis.REPRODUCED
-    gc = analysis.Grid([_summary("bn", 0.1, hessian_top=-50.0), _summary("none", 0.1, hessian_top=1.0)], {})
-    assert analysis.claim_curvature(gc, 0.1).verdict == analysis.NOT_REPRODUCED  # magnitudes are compared
-    sweep = [_summary(n, lr, group="sweep", final_loss=1.0, diverged=(lr > lim))
-             for n, lim in (("bn", 1.0), ("none", 0.1)) for lr in (0.1, 1.0, 10.0)]
-    gs = analysis.Grid(sweep, {})
-    assert analysis.largest_stable_lr(gs, "bn") == 1.0 and analysis.largest_stable_lr(gs, "none") == 0.1
-    assert analysis.claim_lr_sweep(gs, ["bn", "none"]).verdict == analysis.REPRODUCED
+# ------------------------------------------------------------------------------ claims table
 
 
 def test_claims_table_round_trips_through_markdown():

@@ -122,7 +122,8 @@ def curves(runs: Runs, norms: Sequence[str], lrs: Sequence[float], path: Path, t
         rows.append(("acc", "training accuracy (%)"))
     if with_test:
         rows.append(("test_acc", "test accuracy (%)"))
-    fig, axes = plt.subplots(len(rows), len(lrs), figsize=(4.6 * len(lrs), 3.0 * len(rows)), squeeze=False)
+    # at least ~7 inches wide: a single-LR figure must still hold the legend row below it
+    fig, axes = plt.subplots(len(rows), len(lrs), figsize=(max(7.0, 4.6 * len(lrs)), 3.0 * len(rows)), squeeze=False)
     for j, lr in enumerate(lrs):
         for i, (key, ylabel) in enumerate(rows):
             ax = axes[i][j]
@@ -150,14 +151,17 @@ def curves(runs: Runs, norms: Sequence[str], lrs: Sequence[float], path: Path, t
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.suptitle(title)
     if handles:  # one legend for the figure, below the panels, so it hides no curve
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9)
-        fig.tight_layout(rect=(0, 0.45 / fig.get_figheight(), 1, 1))
+        ncol = min(len(labels), 3 if len(lrs) == 1 else 6)
+        nrow = -(-len(labels) // ncol)
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9)
+        fig.tight_layout(rect=(0, (0.2 + 0.25 * nrow) / fig.get_figheight(), 1, 1))
     return _save(fig, path, layout=not handles)
 
 
 def histograms(runs: Runs, norms: Sequence[str], layers: Sequence[int], lr: float, path: Path, title: str,
                group: str = "main", max_times: int = 5,
-               xlabel: str = "pre-activation (output of conv -> norm)") -> Optional[Path]:
+               xlabel: str = "pre-activation (output of conv -> norm)",
+               paper: Optional[Dict[int, int]] = None) -> Optional[Path]:
     """Activation densities (normalization layer output) of chosen layers at several training steps (seed 0)."""
     norms = [n for n in norms if runs.get((group, n, lr))]
     if not norms:
@@ -183,7 +187,7 @@ def histograms(runs: Runs, norms: Sequence[str], layers: Sequence[int], lr: floa
                         label=f"step {m['step']}")
             if i == 0:
                 ax.set_title(f"{LABELS.get(n, n)}", color=COLORS.get(n))
-            ax.set_ylabel(f"layer #{layer}: density")
+            ax.set_ylabel(f"layer {_layer_name(layer, paper)}: density")
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)
             if i == 0 and j == len(norms) - 1:
@@ -192,9 +196,16 @@ def histograms(runs: Runs, norms: Sequence[str], layers: Sequence[int], lr: floa
     return _save(fig, path)
 
 
+def _layer_name(layer: int, paper: Optional[Dict[int, int]]) -> str:
+    """'#k', with the paper's number beside it where this network's layer stands for another one."""
+    p = (paper or {}).get(layer)
+    return f"#{layer}" + (f" (paper's #{p})" if p is not None and p != layer else "")
+
+
 def ics(runs: Runs, norms: Sequence[str], layers: Sequence[int], lrs: Sequence[float], path: Path,
-        title: str, group: str = "main") -> Optional[Path]:
-    """Definition 2.1 over training: ||G - G'|| (top) and cos(G, G') (bottom) per chosen layer and LR."""
+        title: str, group: str = "main", paper: Optional[Dict[int, int]] = None) -> Optional[Path]:
+    """Definition 2.1 over training: ||G - G'|| (top) and cos(G, G') (bottom) per chosen layer and LR;
+    `paper`: this network's layer -> the paper's layer it stands for (named in the titles)."""
     cols = [(layer, lr) for lr in lrs for layer in layers if any(runs.get((group, n, lr)) for n in norms)]
     if not cols:
         return None
@@ -216,7 +227,7 @@ def ics(runs: Runs, norms: Sequence[str], layers: Sequence[int], lrs: Sequence[f
             if s is not None:
                 l2_vals += [v for v in s[1].tolist() if math.isfinite(v)]
             _plot(axes[1][j], _series(seeds, "measure", pick("cosine")), n, marker=".", ms=4)
-        axes[0][j].set_title(f"layer #{layer}, LR = {lr:g}")
+        axes[0][j].set_title(f"layer {_layer_name(layer, paper)}, LR = {lr:g}")
         axes[0][j].set_ylabel("||G - G'||  (l2 difference)")
         _logy_if_span(axes[0][j], l2_vals)
         axes[1][j].set_ylabel("cos(G, G')")
@@ -300,48 +311,50 @@ def landscape(runs: Runs, norms: Sequence[str], lr: float, path: Path, title: st
 
 
 def drift(runs: Runs, norms: Sequence[str], lr: float, path: Path, title: str, group: str = "main") -> Optional[Path]:
-    """Per-step change of each layer's activation statistics: relative to each channel's own scale
-    (|d mu|/sigma + |d var|/var, what claims 2 and 5 compare) and, for reference, in absolute units."""
+    """(a) The drift claims 2 and 5 compare: on the fixed probe batch, between consecutive measurement points,
+    of the input the next layer sees, |d mu|/sigma + |d sigma|/sigma per channel (mean over channels and
+    layers; mean over seeds with a min-max band), and dotted its sampling floor (the same statistic between
+    the two halves of the probe batch). (b) The same per layer, mean over point pairs. (c) For reference only,
+    the per-step change of the normalization layers' outputs (batch t against t-1): BN pins their mean and
+    variance by construction, so it cannot decide anything."""
+    from .analysis import probe_drift_steps
     norms = [n for n in norms if runs.get((group, n, lr))]
     if not norms:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for n in norms:
         seeds = runs[(group, n, lr)]
-        sm = _smooth_for(seeds)
+        per_seed, floors, per_layer = [], [], []
+        for recs in seeds:
+            meas = [r for r in recs if r["type"] == "measure"]
+            pts = probe_drift_steps(meas)
+            per_seed.append([{"type": "p", "step": t, "v": float(np.mean(list(d.values()))) if d else None}
+                             for t, d in pts])
+            floors.append([{"type": "p", "step": m["step"], "v": float(np.mean(
+                [v["floor"] for v in m["probe_stats"].values() if v.get("floor") is not None] or [np.nan]))}
+                for m in meas if m.get("probe_stats")])
+            if pts:
+                names = list(pts[-1][1])
+                per_layer.append([np.nanmean([d.get(k, np.nan) for _, d in pts]) for k in names])
+        _plot(axes[0], _series(per_seed, "p", "v"), n)
+        _plot(axes[0], _series(floors, "p", "v"), n, label="_nolegend_", band=False, linestyle=":", linewidth=1)
+        if per_layer and len({len(p) for p in per_layer}) == 1:
+            m = np.nanmean(np.array(per_layer), 0)
+            axes[1].plot(np.arange(2, len(m) + 2), m, marker="o", ms=4, color=COLORS.get(n), label=LABELS.get(n, n))
 
         def rel(r):
             vals = [v for v in (r.get("drift_rel") or []) if v is not None]
             return sum(vals) / len(vals) if vals else None
-
-        def total(r):
-            dm, dv = r.get("drift_mean") or [], r.get("drift_var") or []
-            vals = [a + b for a, b in zip(dm, dv) if a is not None and b is not None]
-            return sum(vals) / len(vals) if vals else None
-        _plot(axes[0], _series(seeds, "train", rel, smooth=sm), n)
-        _plot(axes[2], _series(seeds, "train", total, smooth=sm), n)
-        per_layer = []
-        for recs in seeds:
-            rows = [r["drift_rel"] for r in recs if r["type"] == "train" and r.get("drift_rel")]
-            arr = np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
-            if arr.size:
-                with np.errstate(all="ignore"), warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    per_layer.append(np.nanmean(arr, 0))
-        if per_layer:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                m = np.nanmean(np.array(per_layer), 0)
-            axes[1].plot(np.arange(1, len(m) + 1), m, marker="o", ms=4, color=COLORS.get(n), label=LABELS.get(n, n))
-    axes[0].set_ylabel("mean over layers of |d mu|/sigma + |d var|/var (log)")
-    axes[0].set_xlabel("training step")
-    axes[0].set_title("(a) relative activation drift per step")
-    axes[1].set_ylabel("|d mu|/sigma + |d var|/var, mean over steps (log)")
-    axes[1].set_xlabel("layer # (normalization output)")
-    axes[1].set_title("(b) relative drift per layer")
-    axes[2].set_ylabel("mean over layers of |d mean| + |d var| (log)")
+        _plot(axes[2], _series(seeds, "train", rel, smooth=_smooth_for(seeds)), n)
+    axes[0].set_ylabel("|d mu|/sigma + |d sigma|/sigma, mean over layers", fontsize=8)
+    axes[0].set_xlabel("training step (drift since the previous measurement)")
+    axes[0].set_title("(a) probe-batch drift (dotted: sampling floor)")
+    axes[1].set_ylabel("|d mu|/sigma + |d sigma|/sigma, mean over points", fontsize=8)
+    axes[1].set_xlabel("layer # whose input is measured")
+    axes[1].set_title("(b) probe-batch drift per layer")
+    axes[2].set_ylabel("|d mu|/sigma + |d var|/var per step", fontsize=8)
     axes[2].set_xlabel("training step")
-    axes[2].set_title("(c) absolute drift per step (for reference)")
+    axes[2].set_title("(c) norm outputs, batch t vs t-1 (reference)")
     for ax in axes:
         ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")

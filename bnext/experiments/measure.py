@@ -71,7 +71,9 @@ def theorem41(model, tracker) -> Optional[Dict[str, Any]]:
     Also, per BN layer (by module name), the medians over channels of the two quantities the paper's
     argument rests on: gamma^2/sigma^2 (a BN layer shrinks the gradient when it is < 1) and the share of
     ||g||^2 that the projection removes, 1 - ||g - <1,g>/m - yhat <g,yhat>/m||^2 / ||g||^2 (in [0, 1];
-    channels with g = 0 left out)."""
+    channels with g = 0 left out), and of their product's measured value ||dL/dy||^2 / ||g||^2 (the
+    gradient with respect to the layer's input against the one with respect to its output: below 1, BN shrinks
+    it; claim 6 decides on it)."""
     from bnext import landscape
     try:
         res = landscape.bn_gradient_identity(model)
@@ -92,8 +94,10 @@ def theorem41(model, tracker) -> Optional[Dict[str, Any]]:
             continue
         keep = (r.g_sq > 0) & (r.scale > 0)
         removed = 1.0 - (r.rhs[keep] / r.scale[keep]) / r.g_sq[keep]
+        ratio = r.lhs[keep] / r.g_sq[keep]  # ||dL/dy||^2 / ||g||^2 per channel, from autograd's own backward
         per_layer[name] = {"gamma2_over_sigma2": _finite(r.scale.median()),
-                           "removed_fraction": _finite(removed.median()) if keep.any() else None}
+                           "removed_fraction": _finite(removed.median()) if keep.any() else None,
+                           "grad_ratio": _finite(ratio.median()) if keep.any() else None}
     return {"per_layer": per_layer, "max_rel_err": _finite(worst), "max_rel_err_paper_form": _finite(paper),
             "layers": len(res),
             "channels": sum(int(r.lhs.numel()) for r in res.values())}

@@ -127,7 +127,8 @@ RUN_COLUMNS = [("run", "run_id"), ("steps", "steps_done"), ("diverged at", "dive
                ("initial loss", "initial_loss"), ("final loss", "final_loss"), ("trained", "trained"),
                ("final train acc", "final_acc"), ("test acc", "test_acc"),
                ("ICS cos (#2..)", "ics_cosine"), ("loss range", "loss_range"), ("max ||dg||", "grad_pred_top"),
-               ("max ||dg||/||g||", "grad_pred_rel"), ("beta", "beta"), ("rel. drift", "drift_rel"),
+               ("max ||dg||/||g||", "grad_pred_rel"), ("beta", "beta"), ("probe drift", "drift_probe"),
+               ("drift floor", "drift_floor"),
                ("pooled |kurtosis|", "kurtosis_pooled"), ("steps/s", "steps_per_s"),
                ("steps/s (measured)", "steps_per_s_with_measurement")]
 
@@ -156,8 +157,8 @@ def seeds_line(summaries: List[dict]) -> str:
     if len(seeds) > 1:
         return (f"{len(seeds)} seeds ({', '.join(map(str, seeds))}): figures show the mean over seeds with a band "
                 "from the seed minimum to maximum; margins count only outside the seed-to-seed std.")
-    return ("one seed: no seed-to-seed spread is measured, so margins count only outside 10% of the larger value "
-            "and the figures have no seed band.")
+    return ("one seed: no seed-to-seed spread is measured, so every comparison that needs a margin is "
+            "inconclusive, and the figures have no seed band.")
 
 
 def run_rows(summaries: List[dict], columns=RUN_COLUMNS) -> List[List[Any]]:

@@ -150,8 +150,11 @@ def execute(exp: Experiment) -> int:
         import subprocess
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.procs}",
                "-m", f"bnext.experiments.{exp.name}"] + list(exp.argv)
-        print(f"launching {cfg.procs} processes: {' '.join(cmd[1:])}", flush=True)
-        return subprocess.call(cmd)
+        # torchrun prints a four-line OMP_NUM_THREADS banner unless the variable is set; set it to the threads
+        # each process takes anyway (common.setup_cpu), so that the output starts with the data line
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.procs)))
+        return subprocess.call(cmd, env=env)
     dist = common.init_distributed(cfg.device)
     try:
         return _execute(exp, dist)

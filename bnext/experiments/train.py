@@ -69,7 +69,68 @@ def measure_landscape(cfg, task, model, batch, spec: RunSpec) -> Dict[str, Any]:
     rec["probe"] = measure.line_probe(model, task.loss_fn, batch, [m * spec.lr for m in cfg.eta_multipliers()])
     if cfg.curvature:
         rec["hessian_top"] = measure.hessian_top(model, task.loss_fn, batch, cfg.curvature_iters)
+    probe = getattr(task, "probe_batch", None)
+    if probe is not None:
+        rec["probe_stats"] = probe_stats(task, model, probe())
     return rec
+
+
+def _channel_moments(x: torch.Tensor) -> tuple:
+    """Per-channel (dim 1) mean and std (population) over every other dimension, in float64."""
+    dims = [0] + list(range(2, x.dim()))
+    var, mean = torch.var_mean(x.double(), dim=dims, unbiased=False)
+    return mean, var.sqrt()
+
+
+def _shift(mean_a, std_a, mean_b, std_b) -> Optional[float]:
+    """Mean over channels with std_a > 0 of |mean_b - mean_a|/std_a + |std_b - std_a|/std_a: scale-free, so
+    a channel's drift reads the same whatever its scale."""
+    keep = std_a > 0
+    if not bool(keep.any()):
+        return None
+    v = ((mean_b - mean_a).abs() / std_a + (std_b - std_a).abs() / std_a)[keep].mean()
+    return float(v) if math.isfinite(float(v)) else None
+
+
+def probe_stats(task, model, batch) -> Dict[str, Dict[str, Any]]:
+    """Per-channel mean and std, on a fixed probe batch, of the input each weight layer after the first sees
+    (for the VGG: the pooled ReLU of the previous conv's normalized output; for the DLN: the previous norm's
+    output), keyed by that layer's name; and the sampling floor, the same drift statistic between the two
+    halves of the probe batch (analysis._probe_drift turns these into the drift claims 2 and 5 compare).
+
+    Train mode, as training sees the network; noisy BN draws its noise (the caller keeps the training RNG);
+    buffers (BN running statistics) are restored, so the trajectory does not change."""
+    modules = dict(model.named_modules())
+    names = task.ics_layers(model)[1:]
+    seen: Dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def f(_module, inputs):
+            seen[name] = inputs[0].detach()
+        return f
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        model.train()
+        with torch.no_grad():
+            task.loss_fn(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+    out = {}
+    for name in names:
+        x = seen.get(name)
+        if x is None or x.shape[0] < 4:
+            continue
+        mean, std = _channel_moments(x)
+        half = x.shape[0] // 2
+        ma, sa = _channel_moments(x[:half])
+        mb, sb = _channel_moments(x[half:2 * half])
+        out[name] = {"mean": mean.tolist(), "std": std.tolist(), "floor": _shift(ma, sa, mb, sb)}
+    return out
 
 
 def run_one(cfg, spec: RunSpec, run_dir: Path, task, device: torch.device, progress=None) -> Dict[str, Any]:
