@@ -91,24 +91,23 @@ def ctl():
 
 
 @contextlib.contextmanager
+def _temporarily(get, set_, value):
+    """set_(value) inside the block, the value get() gave before restored after it."""
+    old = get()
+    set_(value)
+    try:
+        yield
+    finally:
+        set_(old)
+
+
 def sm_count(n):
     """The SM count the emulated device reports inside the block."""
     c = ctl()
-    old = c.sm_count()
-    c.set_sm_count(n)
-    try:
-        yield
-    finally:
-        c.set_sm_count(old)
+    return _temporarily(c.sm_count, c.set_sm_count, n)
 
 
-@contextlib.contextmanager
 def mode(m):
     """'fiber' (default) or 'os' (one OS thread per CUDA thread) inside the block."""
     c = ctl()
-    old = c.mode()
-    c.set_mode(m)
-    try:
-        yield
-    finally:
-        c.set_mode(old)
+    return _temporarily(c.mode, c.set_mode, m)

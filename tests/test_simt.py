@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 import simt
 import test_cuda as tc
+# test_cuda_parity.py's float64 references, tolerances and noise: the same cases, on the emulator
+from test_cuda_parity import CL, PAPER, TOL, assert_ref, bn64, cv, dims, exact_noise, lp64, params
 
 S = simt.load()
 CTL = simt.ctl()
@@ -170,12 +172,6 @@ def test_large_mean_fp32(layout, relu):
 # Noisy BatchNorm, l_p, sync ops and multi-tensor ops (tests/test_cuda_parity.py's cases)
 # =================================================================================================
 
-PAPER = [0.5, 1.25, 0.1, 0.1]  # noise_mean, noise_std, noise_mean_spread, noise_std_spread
-# |actual - float64 reference| <= TOL * max(1, max |reference|), per input dtype (test_cuda_parity.py)
-TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
-CL = {4: torch.channels_last, 5: torch.channels_last_3d}
-
-
 def layout(x, name):
     if name == "channels_last" and x.dim() in CL:
         return x.contiguous(memory_format=CL[x.dim()])
@@ -191,56 +187,10 @@ def make(shape, dtype, seed, lay="contiguous", scale=2.0, shift=0.5):
     return layout(x.to(dtype), lay)
 
 
-def params(C, dtype, seed):
-    gen = torch.Generator().manual_seed(seed + 100)
-    pd = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    return torch.rand(C, generator=gen, dtype=pd) + 0.5, torch.randn(C, generator=gen, dtype=pd)
-
-
-def dims(x):
-    return [0] + list(range(2, x.dim()))
-
-
-def cv(v, x):
-    return v.view([1, -1] + [1] * (x.dim() - 2))
-
-
-def assert_ref(actual, ref, dtype, what):
-    a, r = actual.detach().double(), ref.detach().double()
-    scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0
-    torch.testing.assert_close(a, r, rtol=0, atol=TOL[dtype] * scale, msg=lambda m: f"{what}: {m}")
-
-
 def assert_all_close(got, want, dtype, names):
     for a, r, name in zip(got, want, names):
         assert a.dtype == r.dtype and a.shape == r.shape, name
         assert_ref(a, r, dtype, name)
-
-
-def exact_noise(shape, seed, noise=PAPER, nc=None, offset=0):
-    """(s, m) in fp32 as the CPU kernels draw them: noise_apply on ones (1 * s) and zeros (s * 0 + m)."""
-    nc = shape[1] if nc is None else nc
-    ones = torch.ones(shape)
-    return ops.noise_apply(ones, seed, noise, nc, offset, False), ops.noise_apply(torch.zeros(shape), seed, noise,
-                                                                                   nc, offset, True)
-
-
-def bn64(x, w, b):
-    mean = x.mean(dims(x), keepdim=True)
-    var = x.var(dims(x), unbiased=False, keepdim=True)
-    return (x - mean) / torch.sqrt(var + EPS) * cv(w, x) + cv(b, x)
-
-
-def lp64(x, p, w, b):
-    flat = x.transpose(0, 1).reshape(x.shape[1], -1)
-    if p == 1:
-        n = flat.abs().mean(1)
-    elif p == 2:
-        n = flat.pow(2).mean(1).sqrt()
-    else:
-        n = flat.abs().gather(1, flat.abs().argmax(1, keepdim=True)).view(-1)  # the first arg-max
-    mean = x.mean(dims(x), keepdim=True)
-    return (x - mean) / (cv(n, x) + EPS) * cv(w, x) + cv(b, x)
 
 
 def reference_grads(ref_fn, x, w, b, dy):

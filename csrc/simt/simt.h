@@ -47,6 +47,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "half.h"  // bnext_simt::float_bits / bits_float, which the bit-cast intrinsics below use
+
 // --- qualifiers ---------------------------------------------------------------------------------
 #define __host__
 #define __device__
@@ -160,16 +162,8 @@ constexpr int shfl_width(int w = 32) { return w; }
 inline unsigned __umulhi(unsigned a, unsigned b) {
   return static_cast<unsigned>((static_cast<uint64_t>(a) * static_cast<uint64_t>(b)) >> 32);
 }
-inline unsigned __float_as_uint(float f) {
-  unsigned u;
-  memcpy(&u, &f, sizeof(u));
-  return u;
-}
-inline float __uint_as_float(unsigned u) {
-  float f;
-  memcpy(&f, &u, sizeof(f));
-  return f;
-}
+inline unsigned __float_as_uint(float f) { return bnext_simt::float_bits(f); }
+inline float __uint_as_float(unsigned u) { return bnext_simt::bits_float(u); }
 // One IEEE operation, rounded to nearest even (x86-64 SSE arithmetic; -ffp-contract=off keeps a
 // product and a sum from being fused, as the _rn intrinsics are never fused on the device).
 inline float __fmul_rn(float a, float b) { return a * b; }
